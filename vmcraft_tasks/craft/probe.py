@@ -1,0 +1,70 @@
+"""Filesystem probing with `blkid -p`: parse (pure) and run (edge)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vmcraft_tasks.craft import commands
+from vmcraft_tasks.craft.errors import CommandError
+
+# blkid exits 2 when it finds nothing to report on the device.
+BLKID_NOTHING_FOUND = 2
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """What blkid found on one partition of the disk."""
+
+    partition: int  # partition number on THIS disk
+    type: str | None  # ext4, xfs, btrfs, vfat, ntfs, swap, ... or None
+    uuid: str | None = None
+    label: str | None = None
+    partuuid: str | None = None
+    partlabel: str | None = None
+    usage: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Filesystem:
+        return cls(**data)
+
+
+def parse_blkid_export(text: str) -> dict[str, str]:
+    """Parse `blkid -p -o export` output (KEY=value lines) into a dict."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            values[key.strip()] = value.strip()
+    return values
+
+
+def run_blkid(device: str, *, timeout: float = 30.0) -> dict[str, str]:
+    """Low-level probe of `device`; an empty dict when nothing is recognised."""
+    try:
+        result = commands.run(
+            ["blkid", "-p", "-o", "export", device],
+            timeout=timeout,
+            ok_codes=(0, BLKID_NOTHING_FOUND),
+        )
+    except CommandError:
+        raise
+    return parse_blkid_export(result.stdout)
+
+
+def filesystem_from_blkid(
+    number: int, tags: dict[str, str], *, partuuid: str | None = None, partlabel: str | None = None
+) -> Filesystem:
+    """Combine blkid tags of a partition device with what the partition table says."""
+    return Filesystem(
+        partition=number,
+        type=tags.get("TYPE"),
+        uuid=tags.get("UUID"),
+        label=tags.get("LABEL"),
+        partuuid=tags.get("PART_ENTRY_UUID") or partuuid,
+        partlabel=tags.get("PART_ENTRY_NAME") or partlabel,
+        usage=tags.get("USAGE"),
+    )
