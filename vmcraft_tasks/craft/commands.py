@@ -96,7 +96,9 @@ def run(
     except FileNotFoundError as exc:
         raise CommandError(args, None, reason=f"program not found ({exc.filename})") from exc
     except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        stderr = (
+            exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        )
         raise CommandError(args, None, stderr or "", timed_out=True) from exc
     elapsed = time.monotonic() - started
     log.debug("ran %s -> %s in %.1f ms", args, proc.returncode, elapsed * 1000)

@@ -22,7 +22,9 @@ class Partition:
     type: str
     table: str  # "gpt" or "dos"
     name: str | None = None
-    uuid: str | None = None  # GPT partition UUID, or MBR "<disk id>-<nn>" (what blkid calls PARTUUID)
+    uuid: str | None = (
+        None  # GPT partition UUID, or MBR "<disk id>-<nn>" (what blkid calls PARTUUID)
+    )
     bootable: bool = False
     extended: bool = False
     device: str | None = None  # block device path once the backend exposes the partition

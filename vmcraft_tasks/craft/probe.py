@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vmcraft_tasks.craft import commands
-from vmcraft_tasks.craft.errors import CommandError
 
 # blkid exits 2 when it finds nothing to report on the device.
 BLKID_NOTHING_FOUND = 2
@@ -44,14 +43,11 @@ def parse_blkid_export(text: str) -> dict[str, str]:
 
 def run_blkid(device: str, *, timeout: float = 30.0) -> dict[str, str]:
     """Low-level probe of `device`; an empty dict when nothing is recognised."""
-    try:
-        result = commands.run(
-            ["blkid", "-p", "-o", "export", device],
-            timeout=timeout,
-            ok_codes=(0, BLKID_NOTHING_FOUND),
-        )
-    except CommandError:
-        raise
+    result = commands.run(
+        ["blkid", "-p", "-o", "export", device],
+        timeout=timeout,
+        ok_codes=(0, BLKID_NOTHING_FOUND),
+    )
     return parse_blkid_export(result.stdout)
 
 
@@ -68,3 +64,29 @@ def filesystem_from_blkid(
         partlabel=tags.get("PART_ENTRY_NAME") or partlabel,
         usage=tags.get("USAGE"),
     )
+
+
+EXT_SUPERBLOCK_OFFSET = 1024
+EXT_MAGIC = 0xEF53
+EXT_INCOMPAT_RECOVER = 0x4
+
+
+def ext_superblock_needs_recovery(superblock: bytes) -> bool:
+    """True when an ext2/3/4 superblock says its journal must be replayed (pure)."""
+    if len(superblock) < 0x64:
+        return False
+    magic = int.from_bytes(superblock[0x38:0x3A], "little")
+    if magic != EXT_MAGIC:
+        return False
+    incompat = int.from_bytes(superblock[0x60:0x64], "little")
+    return bool(incompat & EXT_INCOMPAT_RECOVER)
+
+
+def ext_needs_recovery(device: str) -> bool:
+    """Read the superblock directly: cheaper than a dumpe2fs process per mount."""
+    try:
+        with open(device, "rb") as fh:
+            fh.seek(EXT_SUPERBLOCK_OFFSET)
+            return ext_superblock_needs_recovery(fh.read(1024))
+    except OSError:
+        return False

@@ -1,0 +1,89 @@
+"""Inspect a whole attached disk: scan, mount every filesystem privately, find OS roots."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vmcraft_tasks.craft.inspect import inspect_root, looks_like_os_root
+from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.mount.ladder import MountResult
+from vmcraft_tasks.craft.mount.plan import UNMOUNTABLE_TYPES
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+
+if TYPE_CHECKING:
+    from vmcraft_tasks.craft.vmcraft import VMCraft
+
+
+@dataclass
+class DiskReport:
+    image: dict[str, Any]
+    backend: str
+    attach_attempts: int
+    readonly: bool
+    partitions: list[Partition] = field(default_factory=list)
+    filesystems: list[Filesystem] = field(default_factory=list)
+    mounts: dict[int, MountResult] = field(default_factory=dict)
+    roots: list[OSInfo] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "backend": self.backend,
+            "attach_attempts": self.attach_attempts,
+            "readonly": self.readonly,
+            "partitions": [p.to_dict() for p in self.partitions],
+            "filesystems": [f.to_dict() for f in self.filesystems],
+            "mounts": {str(n): m.to_dict() for n, m in self.mounts.items()},
+            "roots": [r.to_dict() for r in self.roots],
+            "timings_ms": self.timings_ms,
+        }
+
+
+def mountable(fs: Filesystem) -> bool:
+    return fs.type is not None and fs.type not in UNMOUNTABLE_TYPES
+
+
+def inspect_disk(g: VMCraft, *, max_workers: int = 4) -> DiskReport:
+    """Mount each filesystem read-only under the attach's private directory and inspect it.
+
+    Mounts stay in place (tracked) until `umount_all()` or `shutdown()`, so the
+    caller can read guest files from the roots it was given.
+    """
+    report = DiskReport(
+        image=g.image.to_dict(),
+        backend=g.backend_name,
+        attach_attempts=g.attach_attempts,
+        readonly=g.readonly,
+    )
+    t0 = time.perf_counter()
+    report.partitions = g.list_partitions()
+    report.filesystems = g.filesystems()
+    t1 = time.perf_counter()
+    targets = [fs for fs in report.filesystems if mountable(fs)]
+    pairs = [(g.device(fs.partition), g.private_mountpoint(f"p{fs.partition}")) for fs in targets]
+    results = g.mount_all_parallel(pairs, max_workers=max_workers)
+    for fs, (_dev, mp) in zip(targets, pairs, strict=True):
+        report.mounts[fs.partition] = results[mp]
+    t2 = time.perf_counter()
+    for fs, (_dev, mp) in zip(targets, pairs, strict=True):
+        if not results[mp].ok or not looks_like_os_root(mp):
+            continue
+        info = inspect_root(
+            mp,
+            root_partition=fs.partition,
+            filesystems=report.filesystems,
+            partitions=report.partitions,
+        )
+        if info is not None:
+            report.roots.append(info)
+    t3 = time.perf_counter()
+    report.timings_ms = {
+        "scan": round((t1 - t0) * 1000, 2),
+        "mount": round((t2 - t1) * 1000, 2),
+        "inspect": round((t3 - t2) * 1000, 2),
+    }
+    return report

@@ -1,0 +1,434 @@
+"""`VMCraft`: the thin public facade over attach, scan, mount and inspect modules.
+
+with VMCraft("web01.vmdk") as g:          # read-only: the source is never written
+    parts = g.list_partitions()           # cached, keyed by disk identity
+    g.mount_all_parallel([(p.device, f"/mnt/{p.number}") for p in parts])
+    roots = g.inspect_os()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from vmcraft_tasks.craft import cache as cache_mod
+from vmcraft_tasks.craft import commands, images, partitions, probe
+from vmcraft_tasks.craft.cache import CacheTTL, InProcessTTLCache, NullCache, ScanCache
+from vmcraft_tasks.craft.errors import (
+    CommandError,
+    MountError,
+    NotLaunchedError,
+    PartitionError,
+    ReadOnlyError,
+    VMCraftError,
+)
+from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.images import ImageInfo
+from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.inspect_disk import DiskReport, inspect_disk
+from vmcraft_tasks.craft.mount import ladder, parallel
+from vmcraft_tasks.craft.mount.host import kernel_filesystems
+from vmcraft_tasks.craft.mount.ladder import MountResult
+from vmcraft_tasks.craft.mount.plan import EXT_TYPES, default_options
+from vmcraft_tasks.craft.mount.tracker import MountTracker, TrackedMount
+from vmcraft_tasks.craft.nbd.base import AttachBackend, AttachedDisk
+from vmcraft_tasks.craft.nbd.select import make_backend
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.retry import call_with_retry
+from vmcraft_tasks.craft.settings import CraftSettings
+
+log = logging.getLogger(__name__)
+
+Device = str | int
+
+_shared_cache = InProcessTTLCache()
+
+
+def shared_cache() -> InProcessTTLCache:
+    """The process-wide default cache: a rescan of the same image in this process hits it."""
+    return _shared_cache
+
+
+class VMCraft:
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = True,
+        settings: CraftSettings | None = None,
+        cache: ScanCache | None = None,
+        backend: AttachBackend | None = None,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.readonly = readonly
+        self.settings = settings or CraftSettings()
+        self.cache: ScanCache = cache if cache is not None else shared_cache()
+        self._backend = backend
+        self._disk: AttachedDisk | None = None
+        self._image: ImageInfo | None = None
+        self._devices: dict[int, str] = {}
+        self._devices_lock = threading.Lock()
+        self._tracker = MountTracker()
+        self._mount_root: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def launch(self) -> VMCraft:
+        """Identify the image and attach it, retrying transient failures."""
+        if self._disk is not None:
+            return self
+        image = images.probe_image(self.path)
+        backend = self._backend or make_backend(self.settings.backend)
+        os.makedirs(self.settings.work_dir, mode=0o700, exist_ok=True)
+
+        def attempt(number: int) -> AttachedDisk:
+            state_dir = tempfile.mkdtemp(prefix="attach-", dir=self.settings.work_dir)
+            return backend.attach(image, readonly=self.readonly, state_dir=state_dir)
+
+        disk, attempts = call_with_retry(attempt, self.settings.retry)
+        disk.attempts = attempts
+        self._backend, self._disk, self._image = backend, disk, image
+        log.info(
+            "attached %s (%s) via %s in %d attempt(s)",
+            image.path,
+            image.format,
+            backend.name,
+            attempts,
+        )
+        return self
+
+    def shutdown(self) -> None:
+        """Unmount everything, release devices and helpers; safe to call twice."""
+        if self._disk is None or self._backend is None:
+            return
+        failed = self._tracker.umount_all()
+        self._backend.release_partition_devices(self._disk)
+        self._backend.detach(self._disk)
+        if self._mount_root:
+            _remove_empty_tree(self._mount_root)
+        self._disk = None
+        self._devices.clear()
+        if failed:
+            raise MountError("", ", ".join(failed), "could not be unmounted")
+
+    def __enter__(self) -> VMCraft:
+        return self.launch()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    # -- facts about the attach ------------------------------------------------
+
+    @property
+    def disk(self) -> AttachedDisk:
+        if self._disk is None:
+            raise NotLaunchedError()
+        return self._disk
+
+    @property
+    def image(self) -> ImageInfo:
+        if self._image is None:
+            raise NotLaunchedError()
+        return self._image
+
+    @property
+    def disk_device(self) -> str:
+        """The whole-disk path (/dev/nbdN, or the FUSE file)."""
+        return self.disk.disk_path
+
+    @property
+    def attach_attempts(self) -> int:
+        return self.disk.attempts
+
+    @property
+    def backend_name(self) -> str:
+        return self.disk.backend
+
+    # -- cache settings and control ------------------------------------------
+
+    @property
+    def cache_ttl(self) -> CacheTTL:
+        return self.settings.cache_ttl
+
+    @property
+    def partition_cache_ttl(self) -> float:
+        return self.settings.cache_ttl.partitions_s
+
+    @partition_cache_ttl.setter
+    def partition_cache_ttl(self, seconds: float) -> None:
+        self.settings.cache_ttl.partitions_s = seconds
+
+    @property
+    def blkid_cache_ttl(self) -> float:
+        return self.settings.cache_ttl.blkid_s
+
+    @blkid_cache_ttl.setter
+    def blkid_cache_ttl(self, seconds: float) -> None:
+        self.settings.cache_ttl.blkid_s = seconds
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.cache.stats()
+
+    def _key(self, kind: str, detail: str = "") -> str:
+        identity = self.image.identity
+        return cache_mod.cache_key(identity, self.cache.generation(identity), kind, detail)
+
+    def invalidate_partition_cache(self, device: Device | None = None) -> None:
+        """Forget cached scans: of one partition, or (whole disk or None) of the whole disk."""
+        number = None if device is None else self._partition_number(device)
+        if number is None:
+            self.cache.bump_generation(self.image.identity)
+        else:
+            self.cache.delete(self._key(cache_mod.KIND_BLKID, f"p{number}"))
+
+    # -- partitions ----------------------------------------------------------
+
+    def list_partitions(self, use_cache: bool = True) -> list[Partition]:
+        """Partition records of this disk, each with its block device on this host."""
+        key = self._key(cache_mod.KIND_PARTITIONS)
+        cache = self.cache if use_cache else NullCache()
+        cached = cache.get(key, cache_mod.KIND_PARTITIONS)
+        if cached is not None:
+            parts = [Partition.from_dict(d) for d in cached]
+        else:
+            parts = partitions.read_partition_table(self.disk.disk_path)
+            cache.set(key, [p.to_dict() for p in parts], self.cache_ttl.partitions_s)
+        return [p.with_device(self._device_for(p)) for p in partitions.data_partitions(parts)]
+
+    def _partition_by_number(self, number: int) -> Partition:
+        for part in self.list_partitions():
+            if part.number == number:
+                return part
+        raise PartitionError(f"{self.path}: no partition {number}")
+
+    def _device_for(self, part: Partition) -> str:
+        with self._devices_lock:
+            device = self._devices.get(part.number)
+            if device is None:
+                assert self._backend is not None
+                device = self._backend.partition_device(self.disk, part)
+                self._devices[part.number] = device
+            return device
+
+    def _partition_number(self, device: Device) -> int | None:
+        """Partition number for a device we handed out; None for the whole disk."""
+        if isinstance(device, int):
+            return device
+        if device in (self.disk.disk_path, self.disk.nbd_device):
+            return None
+        with self._devices_lock:
+            for number, dev in self._devices.items():
+                if dev == device:
+                    return number
+        raise VMCraftError(f"{device} is not a device of this disk: use list_partitions()")
+
+    def device(self, partition_number: int) -> str:
+        return self._partition_by_number(partition_number).device or ""
+
+    # -- blkid ---------------------------------------------------------------
+
+    def blkid(self, device: Device, use_cache: bool = True) -> dict[str, str]:
+        """blkid tags of a partition (TYPE, UUID, LABEL, PARTUUID, ...), cached."""
+        number = self._partition_number(device)
+        detail = "disk" if number is None else f"p{number}"
+        key = self._key(cache_mod.KIND_BLKID, detail)
+        cache = self.cache if use_cache else NullCache()
+        cached = cache.get(key, cache_mod.KIND_BLKID)
+        if cached is not None:
+            return dict(cached)
+        if number is None:
+            tags = probe.run_blkid(self.disk.disk_path)
+        else:
+            part = self._partition_by_number(number)
+            tags = probe.run_blkid(self._device_for(part))
+            if part.uuid:
+                tags.setdefault("PARTUUID", part.uuid)
+            if part.name:
+                tags.setdefault("PARTLABEL", part.name)
+        cache.set(key, tags, self.cache_ttl.blkid_s)
+        return tags
+
+    def filesystems(self, use_cache: bool = True) -> list[Filesystem]:
+        """blkid of every partition, probed in parallel on a cache miss."""
+        parts = self.list_partitions(use_cache)
+        workers = max(1, min(self.settings.blkid_workers, len(parts)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            tags = list(pool.map(lambda p: self.blkid(p.number, use_cache), parts))
+        return [
+            probe.filesystem_from_blkid(p.number, t, partuuid=p.uuid, partlabel=p.name)
+            for p, t in zip(parts, tags, strict=True)
+        ]
+
+    def list_filesystems(self) -> dict[str, str]:
+        """{device: type}, as libguestfs's list_filesystems ("unknown" when blkid found none)."""
+        return {self.device(fs.partition): fs.type or "unknown" for fs in self.filesystems()}
+
+    # -- partition table edits (write mode) ---------------------------------
+
+    def _require_write(self, operation: str) -> None:
+        if self.readonly:
+            raise ReadOnlyError(operation)
+
+    def _after_table_change(self) -> None:
+        assert self._backend is not None
+        self._tracker.umount_all()
+        with self._devices_lock:
+            self._devices.clear()
+        self._backend.reread_partitions(self.disk)
+        self.cache.bump_generation(self.image.identity)
+
+    def part_init(self, device: Device, parttype: str) -> None:
+        """Write an empty partition table ("gpt", or "mbr"/"msdos"/"dos")."""
+        self._require_write("part_init")
+        label = {"mbr": "dos", "msdos": "dos"}.get(parttype, parttype)
+        if label not in ("gpt", "dos"):
+            raise PartitionError(f"unsupported partition table type {parttype!r}")
+        self._sfdisk([], f"label: {label}\n")
+
+    def part_add(self, device: Device, prlogex: str, startsect: int, endsect: int) -> None:
+        """Add a partition from `startsect` to `endsect` inclusive (-1: end of disk)."""
+        self._require_write("part_add")
+        if prlogex not in ("p", "primary", "l", "logical", "e", "extended"):
+            raise PartitionError(f"prlogex must be primary, logical or extended, not {prlogex!r}")
+        line = f"start={startsect}"
+        if endsect >= 0:
+            if endsect < startsect:
+                raise PartitionError(f"end sector {endsect} is before start sector {startsect}")
+            line += f", size={endsect - startsect + 1}"
+        if prlogex.startswith("e"):
+            line += ", type=Ex"
+        self._sfdisk(["--append"], line + "\n")
+
+    def part_del(self, device: Device, partnum: int) -> None:
+        self._require_write("part_del")
+        self._sfdisk(["--delete"], None, extra=[str(partnum)])
+
+    def _sfdisk(self, flags: list[str], script: str | None, extra: Sequence[str] = ()) -> None:
+        argv = [
+            "sfdisk",
+            "--no-reread",
+            "--no-tell-kernel",
+            "-q",
+            *flags,
+            self.disk.disk_path,
+            *extra,
+        ]
+        try:
+            commands.run(argv, input_text=script, timeout=60)
+        except CommandError as exc:
+            raise PartitionError(f"{self.path}: partition table change failed: {exc}") from exc
+        finally:
+            self._after_table_change()
+
+    # -- mounting --------------------------------------------------------------
+
+    def _fstype_of(self, device: Device) -> str | None:
+        try:
+            return self.blkid(device).get("TYPE")
+        except CommandError:
+            return None
+
+    def mount(
+        self, device: Device, mountpoint: str, options: str | None = None, fstype: str | None = None
+    ) -> None:
+        """One mount with this filesystem's default options; raises MountError on failure."""
+        dev = self._block_device(device)
+        fstype = fstype or self._fstype_of(device)
+        opts = options or ",".join(default_options(fstype, self.readonly))
+        os.makedirs(mountpoint, exist_ok=True)
+        argv = ["mount", *(["-t", fstype] if fstype else []), "-o", opts, dev, mountpoint]
+        try:
+            commands.run(argv, timeout=ladder.MOUNT_TIMEOUT_S)
+        except CommandError as exc:
+            raise MountError(dev, mountpoint, exc.stderr_tail or str(exc)) from exc
+        self._tracker.add(TrackedMount(dev, mountpoint, "kernel"))
+
+    def _block_device(self, device: Device) -> str:
+        number = self._partition_number(device)
+        return self.disk.disk_path if number is None else self.device(number)
+
+    def mount_with_fallback(
+        self, device: Device, mountpoint: str, fstype: str | None = None
+    ) -> MountResult:
+        """Climb the fallback ladder; the result is truthy and names the rung that held."""
+        try:
+            dev = self._block_device(device)
+            fstype = fstype or self._fstype_of(device)
+            needs_recovery = fstype in EXT_TYPES and probe.ext_needs_recovery(dev)
+            return ladder.mount_with_fallback(
+                dev,
+                mountpoint,
+                fstype=fstype,
+                readonly=self.readonly,
+                kernel_filesystems=kernel_filesystems(),
+                tracker=self._tracker,
+                needs_recovery=needs_recovery,
+            )
+        except (VMCraftError, OSError) as exc:
+            return MountResult(device=str(device), mountpoint=mountpoint, ok=False, error=str(exc))
+
+    def mount_all_parallel(
+        self, devices: Sequence[tuple[Device, str]], max_workers: int = 4
+    ) -> dict[str, MountResult]:
+        """Mount `(device, mountpoint)` pairs in parallel, parents before children."""
+        pairs = [(str(d) if isinstance(d, int) else d, mp) for d, mp in devices]
+
+        def mount_one(dev: str, mp: str) -> MountResult:
+            return self.mount_with_fallback(int(dev) if dev.isdigit() else dev, mp)
+
+        return parallel.mount_all_parallel(pairs, mount_one, max_workers=max_workers)
+
+    def umount(self, mountpoint: str) -> None:
+        self._tracker.umount(mountpoint)
+
+    def umount_all(self) -> list[str]:
+        """Unmount all our mounts, deepest first; returns any that would not unmount."""
+        return self._tracker.umount_all()
+
+    def mounts(self) -> list[TrackedMount]:
+        return self._tracker.mounts()
+
+    def private_mountpoint(self, name: str) -> str:
+        """A fresh directory inside this attach's private state for a mount."""
+        if self._mount_root is None:
+            self._mount_root = os.path.join(self.disk.state_dir, "mnt")
+        path = os.path.join(self._mount_root, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    # -- inspection --------------------------------------------------------------
+
+    def inspect(self, max_workers: int = 4) -> DiskReport:
+        """Scan, mount every filesystem privately and inspect: the whole picture."""
+        return inspect_disk(self, max_workers=max_workers)
+
+    def inspect_os(self, max_workers: int = 4) -> list[OSInfo]:
+        """The operating systems found on this disk, one per root filesystem."""
+        return self.inspect(max_workers=max_workers).roots
+
+    def guest(self, root: OSInfo | int) -> GuestFS:
+        """Safe file access inside an inspected root: guest symlinks never reach the host."""
+        number = root if isinstance(root, int) else root.root_partition
+        mountpoint = os.path.join(self._mount_root or "", f"p{number}")
+        if not self._tracker.is_tracked(mountpoint):
+            raise VMCraftError(f"partition {number} is not mounted: call inspect_os() first")
+        return GuestFS(mountpoint)
+
+
+def _remove_empty_tree(path: str) -> None:
+    for dirpath, _dirnames, _files in sorted(os.walk(path, topdown=False), reverse=True):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            log.warning("left %s in place: not empty", dirpath)
