@@ -50,11 +50,11 @@ def render_text(report: DiskReport, elapsed_s: float) -> str:
                 how += ", journal replayed in overlay"
         else:
             how = f"FAILED: {mount.error}"
-        lines.append(
-            f"{part.number:>3}  {_human_size(part.size_bytes):>10}  "
-            f"{(fs.type if fs and fs.type else '-'):<8} {(fs.label if fs and fs.label else '-'):<14} "
-            f"{(fs.uuid if fs and fs.uuid else '-'):<38} {how}"
-        )
+        fstype = fs.type if fs and fs.type else "-"
+        label = fs.label if fs and fs.label else "-"
+        uuid = fs.uuid if fs and fs.uuid else "-"
+        size = _human_size(part.size_bytes)
+        lines.append(f"{part.number:>3}  {size:>10}  {fstype:<8} {label:<14} {uuid:<38} {how}")
     lines.append("")
     if not report.roots:
         lines.append("no operating system found")
@@ -77,7 +77,7 @@ def render_text(report: DiskReport, elapsed_s: float) -> str:
                     if entry.resolved_partition is not None
                     else "not on this disk"
                 )
-                lines.append(f"    {entry.spec:<44} {entry.mountpoint:<12} -> {target}")
+                lines.append(f"    {entry.entry.spec:<44} {entry.entry.mountpoint:<12} -> {target}")
         for note in root.notes or []:
             lines.append(f"  note: {note}")
     lines.append("")
@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except VMCraftError as exc:
-        print(f"vmcraft: {exc}", file=sys.stderr)
+        # One line: scripts grep it and people read it.
+        print("vmcraft: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmcraft: interrupted", file=sys.stderr)

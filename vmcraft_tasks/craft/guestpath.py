@@ -173,6 +173,7 @@ class GuestFS:
             return None
 
     def exists(self, path: str) -> bool:
+        """True if `path` resolves; dangling links and link loops do not."""
         return self._stat(path) is not None
 
     def is_file(self, path: str) -> bool:

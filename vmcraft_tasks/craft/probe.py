@@ -31,13 +31,19 @@ class Filesystem:
         return cls(**data)
 
 
+# Host-local facts that must not be cached or reported as facts about the disk:
+# the device name is reused by the next attach.
+HOST_LOCAL_TAGS = frozenset({"DEVNAME"})
+
+
 def parse_blkid_export(text: str) -> dict[str, str]:
     """Parse `blkid -p -o export` output (KEY=value lines) into a dict."""
     values: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if sep and key.strip():
-            values[key.strip()] = value.strip()
+        key = key.strip()
+        if sep and key and key not in HOST_LOCAL_TAGS:
+            values[key] = value.strip()
     return values
 
 

@@ -112,7 +112,9 @@ def parse_pe_arch(header: bytes) -> str:
         raise InspectError(f"unknown PE machine {machine:#06x}") from None
 
 
-def detect_linux_arch(fs: GuestFS, candidates: tuple[str, ...] = LINUX_PROBE_BINARIES) -> str | None:
+def detect_linux_arch(
+    fs: GuestFS, candidates: tuple[str, ...] = LINUX_PROBE_BINARIES
+) -> str | None:
     """Architecture of the guest's own binaries; None when none of them is readable ELF."""
     for path in candidates:
         try:

@@ -44,7 +44,13 @@ PACKAGE_FORMATS = (
 # must be tried before yum.
 PACKAGE_MANAGERS = {
     "deb": (("apt", "apt-get"),),
-    "rpm": (("dnf", "dnf5"), ("dnf", "dnf"), ("yum", "yum"), ("zypper", "zypper"), ("urpmi", "urpmi")),
+    "rpm": (
+        ("dnf", "dnf5"),
+        ("dnf", "dnf"),
+        ("yum", "yum"),
+        ("zypper", "zypper"),
+        ("urpmi", "urpmi"),
+    ),
     "pacman": (("pacman", "pacman"),),
     "apk": (("apk", "apk"),),
 }

@@ -7,7 +7,6 @@ so every format quirk can be unit-tested without a guest tree.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -62,6 +61,8 @@ _REDHAT_PREFIXES = (
 )
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DQ_ESCAPE = re.compile(r"\\([\\$\"`])")
+_ESCAPE = re.compile(r"\\(.)")
 _VERSION = re.compile(r"^\s*(\d+)(?:\.(\d+))?")
 _RELEASE_VERSION = re.compile(r"\brelease\s+(\d+)(?:\.(\d+))?", re.IGNORECASE)
 _SUSE_FIELD = re.compile(r"^\s*(VERSION|PATCHLEVEL)\s*=\s*(\S+)", re.MULTILINE)
@@ -86,12 +87,14 @@ class DistroInfo:
 
 
 def _unquote(value: str) -> str:
-    # os-release values follow shell quoting rules; shlex handles quotes and escapes.
-    try:
-        tokens = shlex.split(value, comments=False, posix=True)
-    except ValueError:
-        return value.strip().strip("\"'")
-    return " ".join(tokens)
+    # os-release uses shell-like quoting, but only \\ \" \$ and \` are escapes inside
+    # double quotes (shlex would keep the backslash of \$).
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        inner = value[1:-1]
+        return inner if value[0] == "'" else _DQ_ESCAPE.sub(r"\1", inner)
+    if value[:1] in ("'", '"'):
+        return value.strip("\"'")  # unbalanced quote: keep the text, drop the quotes
+    return _ESCAPE.sub(r"\1", value)
 
 
 def parse_os_release(text: str) -> dict[str, str]:

@@ -31,12 +31,12 @@ RegistryValue = str | int
 # One value in hivexget's regedit-style listing of a key. Strings may hold escaped
 # quotes and even newlines, so this is matched over the whole text, not per line.
 _ENTRY = re.compile(
-    rf"""
+    r"""
     \s*(?:"(?P<name>(?:[^"\\]|\\.)*)"|(?P<default>@))=
     (?:
         "(?P<sz>(?:[^"\\]|\\.)*)"
       | str\(\d+\):"(?P<str>(?:[^"\\]|\\.)*)"
-      | dword:(?P<dword>[0-9a-fA-F]{{8}})
+      | dword:(?P<dword>[0-9a-fA-F]{8})
       | hex(?:\([0-9a-fA-F]+\))?:[0-9a-fA-F,\s\\]*
     )[ \t]*(?:\r?\n|\Z)
     """,
