@@ -1,4 +1,4 @@
-"""Windows inspection with real (tiny) registry hives built by tests/hive.py."""
+"""Windows inspection with real (tiny) registry hives built by vmcraft_tasks/samples/hive.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.hive import build_empty_hive, hivexsh_script, make_software_hive, make_system_hive
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.errors import InspectError
 from vmcraft_tasks.craft.guestpath import GuestFS
@@ -17,6 +16,12 @@ from vmcraft_tasks.craft.inspect.windows import (
     find_systemroot,
     parse_hivexget_key,
     windows_version_from_values,
+)
+from vmcraft_tasks.samples.hive import (
+    build_empty_hive,
+    hivexsh_script,
+    make_software_hive,
+    make_system_hive,
 )
 
 needs_hivex = pytest.mark.skipif(

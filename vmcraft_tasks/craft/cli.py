@@ -85,10 +85,22 @@ def render_text(report: DiskReport, elapsed_s: float) -> str:
     return "\n".join(lines)
 
 
+def _sample_image() -> str:
+    # Imported here: the sample builder is only needed for this one option.
+    from vmcraft_tasks.samples import imagebuild
+
+    built = imagebuild.linux_gpt_raw()
+    print(f"sample image: {built.path}", file=sys.stderr)
+    return built.path
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.sample == (args.image is not None):
+        raise SystemExit("vmcraft inspect: give either IMAGE or --sample")
+    image = _sample_image() if args.sample else args.image
     started = time.perf_counter()
     settings = CraftSettings(backend=args.backend)
-    with VMCraft(args.image, settings=settings) as g:
+    with VMCraft(image, settings=settings) as g:
         report = g.inspect(max_workers=args.max_workers)
         # Unmount before printing so the reported time covers the whole job.
         g.umount_all()
@@ -107,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="inspect a disk image read-only")
-    inspect.add_argument("image")
+    inspect.add_argument("image", nargs="?")
+    inspect.add_argument(
+        "--sample", action="store_true", help="build (once) and inspect a sample Linux disk"
+    )
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--backend", choices=BACKENDS, default="auto")
     inspect.add_argument("--max-workers", type=int, default=4)

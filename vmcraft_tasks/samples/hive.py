@@ -1,4 +1,7 @@
-"""Build small, valid Windows registry hives for tests, without a Windows machine.
+"""Build small, valid Windows registry hives without a Windows machine.
+
+Used by the sample Windows image (vmcraft_tasks.samples.imagebuild) and by the
+Windows inspection tests.
 
 `build_empty_hive` writes the regf format from scratch: a 4096-byte base block with
 its XOR checksum, then one 4096-byte hbin holding the root key's security (sk) cell,

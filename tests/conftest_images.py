@@ -1,0 +1,116 @@
+"""Session fixtures for the cached test images (see tests/imagebuild.py).
+
+Load with `pytest_plugins = ["tests.conftest_images"]`. Each fixture builds its
+image on first use (or reuses the on-disk cache) and returns a BuiltImage; the
+deliberately bad inputs return a plain path. Images are shared and read-only by
+convention: a test that writes must work on `image_copy(...)` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmcraft_tasks.samples import imagebuild
+from vmcraft_tasks.samples.imagebuild import BuiltImage
+
+
+def _build(factory: Callable[[], BuiltImage]) -> BuiltImage:
+    # Building needs loop devices, mounts and FUSE; without root that is an
+    # environment limit, not a failure of the code under test.
+    if os.geteuid() != 0:
+        pytest.skip("building test images needs root")
+    return factory()
+
+
+@pytest.fixture(scope="session")
+def linux_gpt_raw() -> BuiltImage:
+    return _build(imagebuild.linux_gpt_raw)
+
+
+@pytest.fixture(scope="session")
+def linux_gpt_qcow2() -> BuiltImage:
+    return _build(imagebuild.linux_gpt_qcow2)
+
+
+@pytest.fixture(scope="session")
+def linux_gpt_vmdk() -> BuiltImage:
+    return _build(imagebuild.linux_gpt_vmdk)
+
+
+@pytest.fixture(scope="session")
+def linux_gpt_vhdx() -> BuiltImage:
+    return _build(imagebuild.linux_gpt_vhdx)
+
+
+@pytest.fixture(scope="session")
+def linux_gpt_vpc() -> BuiltImage:
+    return _build(imagebuild.linux_gpt_vpc)
+
+
+@pytest.fixture(scope="session")
+def mbr_logical_raw() -> BuiltImage:
+    return _build(imagebuild.mbr_logical_raw)
+
+
+@pytest.fixture(scope="session")
+def dirty_ext4_raw() -> BuiltImage:
+    return _build(imagebuild.dirty_ext4_raw)
+
+
+@pytest.fixture(scope="session")
+def broken_journal_ext4_raw() -> BuiltImage:
+    return _build(imagebuild.broken_journal_ext4_raw)
+
+
+@pytest.fixture(scope="session")
+def dirty_xfs_raw() -> BuiltImage:
+    return _build(imagebuild.dirty_xfs_raw)
+
+
+@pytest.fixture(scope="session")
+def broken_log_xfs_raw() -> BuiltImage:
+    return _build(imagebuild.broken_log_xfs_raw)
+
+
+@pytest.fixture(scope="session")
+def windows_ntfs_raw() -> BuiltImage:
+    return _build(imagebuild.windows_ntfs_raw)
+
+
+@pytest.fixture(scope="session")
+def twenty_parts_raw() -> BuiltImage:
+    return _build(imagebuild.twenty_parts_raw)
+
+
+@pytest.fixture(scope="session")
+def corrupt_vmdk() -> str:
+    return _build(imagebuild.corrupt_vmdk).path
+
+
+@pytest.fixture(scope="session")
+def text_vmdk() -> str:
+    return _build(imagebuild.text_vmdk).path
+
+
+@pytest.fixture(scope="session")
+def missing_extent_vmdk() -> str:
+    return _build(imagebuild.missing_extent_vmdk).path
+
+
+@pytest.fixture(scope="session")
+def not_an_image() -> str:
+    return _build(imagebuild.not_an_image).path
+
+
+@pytest.fixture
+def image_copy(tmp_path: Path) -> Callable[[BuiltImage | str], str]:
+    """Return a function that copies an image into this test's tmp dir, for tests that write."""
+
+    def copy(built: BuiltImage | str) -> str:
+        return imagebuild.copy_image(built, tmp_path / "images")
+
+    return copy
