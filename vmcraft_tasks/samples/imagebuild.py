@@ -728,6 +728,7 @@ def _build_linux_gpt(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     (root_src / "etc/shadow").chmod(0o640)
     boot_src, var_src, home_src = work / "boot", work / "var", work / "home"
     _write_tree(boot_src, boot_files, {})
+    (boot_src / "efi").mkdir()  # where the ESP mounts, as on a real Debian /boot
     _write_tree(var_src, var_files, {})
     _write_tree(home_src, home_files, {})
 

@@ -78,7 +78,12 @@ def mount_with_fallback(
     if not strategies:
         result.error = f"{fstype} is not a mountable filesystem"
         return result
-    os.makedirs(mountpoint, exist_ok=True)
+    try:
+        os.makedirs(mountpoint, exist_ok=True)
+    except OSError as exc:
+        # Typically a mountpoint missing inside a read-only parent filesystem.
+        result.error = f"cannot create mountpoint {mountpoint}: {exc.strerror}"
+        return result
     for strategy in strategies:
         try:
             commands.run(strategy.argv(device, mountpoint), timeout=MOUNT_TIMEOUT_S)
