@@ -34,7 +34,9 @@ def flaky_qemu_nbd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     production (a socket path in use, a helper dying early).
     """
 
-    def install(failures: int, message: str = "qemu-nbd: Failed to bind socket: Address already in use") -> Path:
+    def install(
+        failures: int, message: str = "qemu-nbd: Failed to bind socket: Address already in use"
+    ) -> Path:
         bindir = tmp_path / "fakebin"
         bindir.mkdir(exist_ok=True)
         counter = tmp_path / "qemu-nbd-starts"
@@ -43,7 +45,7 @@ def flaky_qemu_nbd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         script = bindir / "qemu-nbd"
         script.write_text(
             "#!/bin/bash\n"
-            f'n=$(( $(cat {counter}) + 1 )); echo $n > {counter}\n'
+            f"n=$(( $(cat {counter}) + 1 )); echo $n > {counter}\n"
             f'if [ "$n" -le {failures} ]; then echo "{message}" >&2; exit 1; fi\n'
             f'exec {real} "$@"\n'
         )

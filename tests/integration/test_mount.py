@@ -69,7 +69,9 @@ def test_children_of_a_failed_parent_are_skipped(linux_gpt_raw, tmp_path):
         assert not g.mounts()
 
 
-def test_dirty_ext4_is_replayed_into_the_overlay_and_the_source_is_unchanged(dirty_ext4_raw, tmp_path):
+def test_dirty_ext4_is_replayed_into_the_overlay_and_the_source_is_unchanged(
+    dirty_ext4_raw, tmp_path
+):
     before = sha256_file(dirty_ext4_raw.path)
     mp = str(tmp_path / "m")
     with VMCraft(dirty_ext4_raw.path) as g:
@@ -122,16 +124,22 @@ def test_xfs_with_a_broken_log_falls_back_to_norecovery(broken_log_xfs_raw, tmp_
     assert sha256_file(broken_log_xfs_raw.path) == before
 
 
-def test_plain_mount_uses_per_filesystem_defaults_and_raises_on_failure(broken_log_xfs_raw, tmp_path):
+def test_plain_mount_uses_per_filesystem_defaults_and_raises_on_failure(
+    broken_log_xfs_raw, tmp_path
+):
     with VMCraft(broken_log_xfs_raw.path) as g:
         # No ladder: log recovery fails and the caller hears about it.
         with pytest.raises(MountError, match=f"mount {g.device(1)} on {tmp_path / 'b'}"):
             g.mount(g.device(1), str(tmp_path / "b"), options="ro,noexec")
         g.mount(g.device(1), str(tmp_path / "a"))
-        assert {"ro", "norecovery", "nouuid", "nosuid", "nodev", "noexec"} <= mount_options(str(tmp_path / "a"))
+        assert {"ro", "norecovery", "nouuid", "nosuid", "nodev", "noexec"} <= mount_options(
+            str(tmp_path / "a")
+        )
 
 
-def test_vfat_and_ntfs_fall_back_to_fuse_drivers_read_only(linux_gpt_raw, windows_ntfs_raw, tmp_path, open_disk):
+def test_vfat_and_ntfs_fall_back_to_fuse_drivers_read_only(
+    linux_gpt_raw, windows_ntfs_raw, tmp_path, open_disk
+):
     linux = VMCraft(linux_gpt_raw.path).launch()
     open_disk.append(linux)
     windows = VMCraft(windows_ntfs_raw.path).launch()
@@ -142,9 +150,10 @@ def test_vfat_and_ntfs_fall_back_to_fuse_drivers_read_only(linux_gpt_raw, window
         assert result and result.driver == "fuse"
         assert f"mounted read-only with {program} (FUSE)" in (result.note or "")
         assert "ro" in mount_options(result.mountpoint)
-    assert read(str(tmp_path / "esp/EFI/debian/grubx64.efi")) == linux_gpt_raw.notes["files"][1][
-        "/EFI/debian/grubx64.efi"
-    ]
+    assert (
+        read(str(tmp_path / "esp/EFI/debian/grubx64.efi"))
+        == linux_gpt_raw.notes["files"][1]["/EFI/debian/grubx64.efi"]
+    )
     assert os.path.isfile(str(tmp_path / "c/Windows/System32/cmd.exe"))
 
 

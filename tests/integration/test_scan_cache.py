@@ -85,7 +85,10 @@ def test_invalidate_one_partition_or_the_whole_disk(linux_gpt_raw, ran):
 
 
 def test_unknown_device_is_refused(linux_gpt_raw):
-    with VMCraft(linux_gpt_raw.path) as g, pytest.raises(VMCraftError, match="not a device of this disk"):
+    with (
+        VMCraft(linux_gpt_raw.path) as g,
+        pytest.raises(VMCraftError, match="not a device of this disk"),
+    ):
         g.blkid("/dev/sda1")
 
 

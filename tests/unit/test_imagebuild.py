@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from vmcraft_tasks.craft import commands
 from vmcraft_tasks.samples import imagebuild
 from vmcraft_tasks.samples.imagebuild import BuiltImage
-from vmcraft_tasks.craft import commands
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,9 @@ from vmcraft_tasks.craft.images import (
 
 
 def test_parse_info_reads_format_size_and_backing():
-    text = json.dumps({"format": "qcow2", "virtual-size": 10485760, "full-backing-filename": "/b.qcow2"})
+    text = json.dumps(
+        {"format": "qcow2", "virtual-size": 10485760, "full-backing-filename": "/b.qcow2"}
+    )
     assert parse_qemu_img_info("x", text) == ("qcow2", 10485760, "/b.qcow2")
 
 
@@ -22,17 +24,26 @@ def test_parse_info_without_format_is_corrupt():
 
 
 def test_parse_backing_chain_skips_the_top_image():
-    text = json.dumps([{"filename": "top.qcow2"}, {"filename": "mid.qcow2"}, {"filename": "base.raw"}])
+    text = json.dumps(
+        [{"filename": "top.qcow2"}, {"filename": "mid.qcow2"}, {"filename": "base.raw"}]
+    )
     assert parse_backing_chain(text) == ("mid.qcow2", "base.raw")
 
 
 @pytest.mark.parametrize(
     ("stderr", "kind", "words"),
     [
-        ("qemu-img: Could not open 'x.vmdk': Could not open 'x-flat.vmdk': No such file or directory",
-         CorruptImageError, "referenced file is missing"),
-        ("qemu-img: Could not open 'x.vmdk': invalid VMDK image descriptor", CorruptImageError,
-         "not a readable disk image"),
+        (
+            "qemu-img: Could not open 'x.vmdk': "
+            "Could not open 'x-flat.vmdk': No such file or directory",
+            CorruptImageError,
+            "referenced file is missing",
+        ),
+        (
+            "qemu-img: Could not open 'x.vmdk': invalid VMDK image descriptor",
+            CorruptImageError,
+            "not a readable disk image",
+        ),
         ("qemu-img: Unknown driver 'foo'", UnsupportedImageError, "unsupported image format"),
     ],
 )

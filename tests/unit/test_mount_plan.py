@@ -53,7 +53,11 @@ def test_ntfs_falls_back_to_ntfs3g_fuse_read_only_without_kernel_driver():
     assert {s.driver for s in plan} == {"fuse"}
     assert all(s.program == "ntfs-3g" and s.options[0] == "ro" for s in plan)
     assert plan[0].argv("/dev/loop3", "/mnt/c") == [
-        "ntfs-3g", "-o", "ro,nosuid,nodev", "/dev/loop3", "/mnt/c",
+        "ntfs-3g",
+        "-o",
+        "ro,nosuid,nodev",
+        "/dev/loop3",
+        "/mnt/c",
     ]
 
 
@@ -85,7 +89,11 @@ def test_default_options_per_filesystem():
 def test_parse_proc_filesystems_and_modules():
     text = "nodev\tsysfs\n\text4\nnodev\tfuse\n\txfs\n"
     assert parse_proc_filesystems(text) == {"sysfs", "ext4", "fuse", "xfs"}
-    mods = "kernel/fs/ntfs3/ntfs3.ko.xz: kernel/lib/x.ko\nkernel/drivers/block/nbd.ko:\nkernel/fs/fat/vfat.ko:\n"
+    mods = (
+        "kernel/fs/ntfs3/ntfs3.ko.xz: kernel/lib/x.ko\n"
+        "kernel/drivers/block/nbd.ko:\n"
+        "kernel/fs/fat/vfat.ko:\n"
+    )
     assert parse_modules_list(mods) == {"ntfs3", "vfat"}
 
 
@@ -109,4 +117,9 @@ def test_duplicate_mountpoint_is_rejected():
 
 
 def test_unmount_order_is_deepest_first():
-    assert unmount_order(["/g", "/g/boot/efi", "/g/boot", "/h"]) == ["/g/boot/efi", "/g/boot", "/h", "/g"]
+    assert unmount_order(["/g", "/g/boot/efi", "/g/boot", "/h"]) == [
+        "/g/boot/efi",
+        "/g/boot",
+        "/h",
+        "/g",
+    ]

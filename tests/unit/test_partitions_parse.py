@@ -13,10 +13,22 @@ GPT = {
         "unit": "sectors",
         "sectorsize": 512,
         "partitions": [
-            {"node": "disk2", "start": 104448, "size": 102400, "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
-             "uuid": "21A6CDF7-D52A-3C41-9B74-D12D4549D73B", "name": "root"},
-            {"node": "disk1", "start": 2048, "size": 102400, "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
-             "uuid": "1E4EEA38-1981-334C-9F42-206AE51538FA", "name": "esp"},
+            {
+                "node": "disk2",
+                "start": 104448,
+                "size": 102400,
+                "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+                "uuid": "21A6CDF7-D52A-3C41-9B74-D12D4549D73B",
+                "name": "root",
+            },
+            {
+                "node": "disk1",
+                "start": 2048,
+                "size": 102400,
+                "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                "uuid": "1E4EEA38-1981-334C-9F42-206AE51538FA",
+                "name": "esp",
+            },
         ],
     }
 }
@@ -29,7 +41,13 @@ MBR = {
         "unit": "sectors",
         "sectorsize": 512,
         "partitions": [
-            {"node": "/run/vmcraft/attach-x/disk1", "start": 2048, "size": 204800, "type": "83", "bootable": True},
+            {
+                "node": "/run/vmcraft/attach-x/disk1",
+                "start": 2048,
+                "size": 204800,
+                "type": "83",
+                "bootable": True,
+            },
             {"node": "/run/vmcraft/attach-x/disk2", "start": 206848, "size": 800000, "type": "5"},
             {"node": "/run/vmcraft/attach-x/disk5", "start": 208896, "size": 100000, "type": "83"},
             {"node": "/run/vmcraft/attach-x/disk6", "start": 310000, "size": 100000, "type": "c"},

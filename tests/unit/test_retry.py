@@ -22,8 +22,10 @@ def test_transient_failures_are_retried_and_attempts_counted():
     cleanups: list[int] = []
     func = Flaky(failures=2)
     result, attempts = call_with_retry(
-        func, RetryPolicy(attempts=3, base_s=0.5, cap_s=4.0),
-        cleanup=lambda: cleanups.append(1), sleep=sleeps.append,
+        func,
+        RetryPolicy(attempts=3, base_s=0.5, cap_s=4.0),
+        cleanup=lambda: cleanups.append(1),
+        sleep=sleeps.append,
     )
     assert (result, attempts) == ("attached", 3)
     assert func.calls == [1, 2, 3]
@@ -49,7 +51,9 @@ def test_permanent_failure_is_not_retried():
 def test_backoff_is_capped():
     sleeps: list[float] = []
     with pytest.raises(TransientAttachError):
-        call_with_retry(Flaky(failures=99), RetryPolicy(attempts=8, base_s=1.0, cap_s=2.0), sleep=sleeps.append)
+        call_with_retry(
+            Flaky(failures=99), RetryPolicy(attempts=8, base_s=1.0, cap_s=2.0), sleep=sleeps.append
+        )
     assert max(sleeps) <= 2.0
 
 

@@ -6,12 +6,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vmcraft_tasks.craft.errors import InspectError
 from vmcraft_tasks.craft.inspect import inspect_root, looks_like_os_root
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.mount.ladder import MountResult
 from vmcraft_tasks.craft.mount.plan import UNMOUNTABLE_TYPES
 from vmcraft_tasks.craft.partitions import Partition
-from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.probe import Filesystem, filesystem_from_blkid
 
 if TYPE_CHECKING:
     from vmcraft_tasks.craft.vmcraft import VMCraft
@@ -43,6 +44,24 @@ class DiskReport:
         }
 
 
+WHOLE_DISK = 0  # the "partition number" of a filesystem written straight onto the disk
+
+
+def _whole_disk_filesystem(g: VMCraft) -> list[Filesystem]:
+    """A disk without a partition table is either one filesystem or not a disk image."""
+    tags = g.blkid(g.disk_device)
+    if not tags.get("TYPE"):
+        raise InspectError(
+            f"{g.image.path}: no partition table and no filesystem found "
+            f"(qemu-img reads it as {g.image.format}): not a disk image"
+        )
+    return [filesystem_from_blkid(WHOLE_DISK, tags)]
+
+
+def _device(g: VMCraft, number: int) -> str:
+    return g.disk_device if number == WHOLE_DISK else g.device(number)
+
+
 def mountable(fs: Filesystem) -> bool:
     return fs.type is not None and fs.type not in UNMOUNTABLE_TYPES
 
@@ -61,10 +80,10 @@ def inspect_disk(g: VMCraft, *, max_workers: int = 4) -> DiskReport:
     )
     t0 = time.perf_counter()
     report.partitions = g.list_partitions()
-    report.filesystems = g.filesystems()
+    report.filesystems = g.filesystems() if report.partitions else _whole_disk_filesystem(g)
     t1 = time.perf_counter()
     targets = [fs for fs in report.filesystems if mountable(fs)]
-    pairs = [(g.device(fs.partition), g.private_mountpoint(f"p{fs.partition}")) for fs in targets]
+    pairs = [(_device(g, fs.partition), g.private_mountpoint(f"p{fs.partition}")) for fs in targets]
     results = g.mount_all_parallel(pairs, max_workers=max_workers)
     for fs, (_dev, mp) in zip(targets, pairs, strict=True):
         report.mounts[fs.partition] = results[mp]
