@@ -47,14 +47,37 @@ def parse_blkid_export(text: str) -> dict[str, str]:
     return values
 
 
-def run_blkid(device: str, *, timeout: float = 30.0) -> dict[str, str]:
-    """Low-level probe of `device`; an empty dict when nothing is recognised."""
+def parse_blkid_export_many(text: str) -> dict[str, dict[str, str]]:
+    """Split `blkid -p -o export DEV...` output into {device: tags} (pure).
+
+    blkid prints one block per recognised device, blocks separated by a blank
+    line, each starting with DEVNAME; unrecognised devices print nothing.
+    """
+    found: dict[str, dict[str, str]] = {}
+    for block in text.split("\n\n"):
+        devname = None
+        for line in block.splitlines():
+            if line.startswith("DEVNAME="):
+                devname = line.partition("=")[2].strip()
+                break
+        if devname:
+            found[devname] = parse_blkid_export(block)
+    return found
+
+
+def run_blkid(*devices: str, timeout: float = 30.0) -> dict[str, dict[str, str]]:
+    """Low-level probe of each device in ONE blkid process: {device: tags}.
+
+    One process for many partitions costs about what one probe does; a device
+    with nothing recognisable maps to an empty dict.
+    """
     result = commands.run(
-        ["blkid", "-p", "-o", "export", device],
+        ["blkid", "-p", "-o", "export", *devices],
         timeout=timeout,
         ok_codes=(0, BLKID_NOTHING_FOUND),
     )
-    return parse_blkid_export(result.stdout)
+    found = parse_blkid_export_many(result.stdout)
+    return {device: found.get(device, {}) for device in devices}
 
 
 def filesystem_from_blkid(

@@ -28,7 +28,6 @@ class CraftSettings:
     backend: str = "auto"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cache_ttl: CacheTTL = field(default_factory=CacheTTL)
-    blkid_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

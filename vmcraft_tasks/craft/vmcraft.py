@@ -13,12 +13,11 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 from vmcraft_tasks.craft import cache as cache_mod
 from vmcraft_tasks.craft import commands, images, partitions, probe
-from vmcraft_tasks.craft.cache import CacheTTL, InProcessTTLCache, NullCache, ScanCache
+from vmcraft_tasks.craft.cache import CacheTTL, InProcessTTLCache, ScanCache
 from vmcraft_tasks.craft.errors import (
     CommandError,
     MountError,
@@ -190,20 +189,20 @@ class VMCraft:
         if number is None:
             self.cache.bump_generation(self.image.identity)
         else:
-            self.cache.delete(self._key(cache_mod.KIND_BLKID, f"p{number}"))
+            self.cache.delete(self._blkid_key(number))
 
     # -- partitions ----------------------------------------------------------
 
     def list_partitions(self, use_cache: bool = True) -> list[Partition]:
         """Partition records of this disk, each with its block device on this host."""
         key = self._key(cache_mod.KIND_PARTITIONS)
-        cache = self.cache if use_cache else NullCache()
-        cached = cache.get(key, cache_mod.KIND_PARTITIONS)
+        cached = self.cache.get(key, cache_mod.KIND_PARTITIONS) if use_cache else None
         if cached is not None:
             parts = [Partition.from_dict(d) for d in cached]
         else:
+            # Fresh results are stored either way: use_cache=False refreshes the cache.
             parts = partitions.read_partition_table(self.disk.disk_path)
-            cache.set(key, [p.to_dict() for p in parts], self.cache_ttl.partitions_s)
+            self.cache.set(key, [p.to_dict() for p in parts], self.cache_ttl.partitions_s)
         return [p.with_device(self._device_for(p)) for p in partitions.data_partitions(parts)]
 
     def _partition_by_number(self, number: int) -> Partition:
@@ -241,33 +240,62 @@ class VMCraft:
     def blkid(self, device: Device, use_cache: bool = True) -> dict[str, str]:
         """blkid tags of a partition (TYPE, UUID, LABEL, PARTUUID, ...), cached."""
         number = self._partition_number(device)
-        detail = "disk" if number is None else f"p{number}"
-        key = self._key(cache_mod.KIND_BLKID, detail)
-        cache = self.cache if use_cache else NullCache()
-        cached = cache.get(key, cache_mod.KIND_BLKID)
+        if number is None:
+            return self._blkid_disk(use_cache)
+        if use_cache:
+            # The hot path: no partition-table lookup when the answer is cached.
+            cached = self.cache.get(self._blkid_key(number), cache_mod.KIND_BLKID)
+            if cached is not None:
+                return dict(cached)
+        return self._blkid_partitions([self._partition_by_number(number)], read_cache=False)[number]
+
+    def _blkid_key(self, number: int) -> str:
+        return self._key(cache_mod.KIND_BLKID, f"p{number}")
+
+    def _blkid_disk(self, use_cache: bool) -> dict[str, str]:
+        key = self._key(cache_mod.KIND_BLKID, "disk")
+        cached = self.cache.get(key, cache_mod.KIND_BLKID) if use_cache else None
         if cached is not None:
             return dict(cached)
-        if number is None:
-            tags = probe.run_blkid(self.disk.disk_path)
-        else:
-            part = self._partition_by_number(number)
-            tags = probe.run_blkid(self._device_for(part))
-            if part.uuid:
-                tags.setdefault("PARTUUID", part.uuid)
-            if part.name:
-                tags.setdefault("PARTLABEL", part.name)
-        cache.set(key, tags, self.cache_ttl.blkid_s)
+        tags = probe.run_blkid(self.disk.disk_path)[self.disk.disk_path]
+        self.cache.set(key, tags, self.cache_ttl.blkid_s)
+        return tags
+
+    def _blkid_partitions(
+        self, parts: list[Partition], *, read_cache: bool
+    ) -> dict[int, dict[str, str]]:
+        """Tags per partition number: cache hits first, then one blkid for all misses.
+
+        Fresh results are always stored, so `use_cache=False` refreshes the cache.
+        """
+        tags: dict[int, dict[str, str]] = {}
+        missing: dict[str, Partition] = {}
+        for part in parts:
+            key = self._blkid_key(part.number)
+            cached = self.cache.get(key, cache_mod.KIND_BLKID) if read_cache else None
+            if cached is not None:
+                tags[part.number] = dict(cached)
+            else:
+                missing[self._device_for(part)] = part
+        if missing:
+            for device, found in probe.run_blkid(*missing).items():
+                part = missing[device]
+                # blkid -p on a loop device cannot see the partition table: add what it says.
+                if part.uuid:
+                    found.setdefault("PARTUUID", part.uuid)
+                if part.name:
+                    found.setdefault("PARTLABEL", part.name)
+                self.cache.set(self._blkid_key(part.number), found, self.cache_ttl.blkid_s)
+                tags[part.number] = found
         return tags
 
     def filesystems(self, use_cache: bool = True) -> list[Filesystem]:
-        """blkid of every partition, probed in parallel on a cache miss."""
+        """blkid of every partition; all cache misses are probed by one blkid process."""
         parts = self.list_partitions(use_cache)
-        workers = max(1, min(self.settings.blkid_workers, len(parts)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            tags = list(pool.map(lambda p: self.blkid(p.number, use_cache), parts))
+        tags = self._blkid_partitions(parts, read_cache=use_cache)
         return [
-            probe.filesystem_from_blkid(p.number, t, partuuid=p.uuid, partlabel=p.name)
-            for p, t in zip(parts, tags, strict=True)
+            probe.filesystem_from_blkid(p.number, tags[p.number], partuuid=p.uuid, partlabel=p.name)
+            for p in parts
         ]
 
     def list_filesystems(self) -> dict[str, str]:
