@@ -22,7 +22,7 @@ from vmcraft_tasks.craft.errors import (
     TransientAttachError,
 )
 from vmcraft_tasks.craft.images import ImageInfo
-from vmcraft_tasks.craft.nbd import helpers
+from vmcraft_tasks.craft.nbd import helpers, loopdev
 from vmcraft_tasks.craft.nbd.base import AttachBackend, AttachedDisk
 from vmcraft_tasks.craft.nbd.helpers import AttachResources
 from vmcraft_tasks.craft.partitions import Partition
@@ -67,17 +67,6 @@ def qemu_nbd_argv(image: ImageInfo, socket: str, pid_file: str, *, readonly: boo
 
 def nbdfuse_argv(fuse_file: str, socket: str, pid_file: str) -> list[str]:
     return ["nbdfuse", "-P", pid_file, fuse_file, "--unix", socket]
-
-
-def losetup_argv(fuse_file: str, partition: Partition) -> list[str]:
-    return [
-        "losetup",
-        "--find",
-        "--show",
-        f"--offset={partition.offset_bytes}",
-        f"--sizelimit={partition.size_bytes}",
-        fuse_file,
-    ]
 
 
 def classify_helper_exit(program: str, stderr: str) -> AttachError:
@@ -201,8 +190,9 @@ class FuseNbdBackend(AttachBackend):
         # Serialised per backend: the resources file is rewritten for each device.
         with self._loop_lock:
             res = AttachResources.load(disk.state_dir)
-            result = commands.run(losetup_argv(disk.disk_path, partition), timeout=30)
-            device = result.stdout.strip()
+            device = loopdev.attach_loop(
+                disk.disk_path, partition.offset_bytes, partition.size_bytes
+            )
             res.loop_devices.append(device)
             res.save(disk.state_dir)
         return device

@@ -15,8 +15,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 
-from vmcraft_tasks.craft import commands
-from vmcraft_tasks.craft.errors import CommandError
+from vmcraft_tasks.craft.nbd import loopdev
 
 RESOURCES_FILE = "resources.json"
 
@@ -114,12 +113,5 @@ def loop_backing_file(device: str) -> str | None:
 
 def detach_loop(device: str, backing_file: str) -> None:
     """Detach a loop device only while it still points at our file (numbers are reused)."""
-    if loop_backing_file(device) != backing_file:
-        return
-    try:
-        commands.run(["losetup", "-d", device], timeout=30)
-    except CommandError:
-        # The kernel may still hold the device for a moment after an unmount.
-        time.sleep(0.05)
-        if loop_backing_file(device) == backing_file:
-            commands.run(["losetup", "-d", device], timeout=30)
+    if loop_backing_file(device) == backing_file:
+        loopdev.detach_loop_device(device)
