@@ -20,6 +20,8 @@ def private_work_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     old = os.environ.get("VMCRAFT_WORK_DIR")
     os.environ["VMCRAFT_WORK_DIR"] = work
     yield work
+    leftovers = [d for d in os.listdir(work) if d.startswith("attach-")]
+    assert not leftovers, f"attach state left behind in {work}: {leftovers}"
     if old is None:
         os.environ.pop("VMCRAFT_WORK_DIR", None)
     else:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vmcraft_tasks.samples.imagebuild import sha256_file
 
 
@@ -98,3 +100,10 @@ def test_filesystem_without_partition_table_is_inspected(tmp_path, private_work_
     assert data["partitions"] == []
     assert data["filesystems"][0]["label"] == "bare"
     assert data["mounts"]["0"]["ok"] is True
+
+
+def test_kernel_backend_without_the_nbd_module_says_how_to_fix_it(linux_gpt_raw, private_work_dir):
+    if os.path.exists("/sys/module/nbd"):
+        pytest.skip("this host has the nbd module: the error path cannot be shown")
+    proc = vmcraft("inspect", "--backend", "kernel", linux_gpt_raw.path, work_dir=private_work_dir)
+    assert_one_line_failure(proc, "nbd kernel module not loaded", "modprobe nbd max_part=16")
