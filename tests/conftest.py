@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import leaks
+from tests.redisserver import RedisServer, redis_server
 
 pytest_plugins = ["tests.conftest_images"]
 
@@ -41,3 +42,23 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not found, f"{request.node.nodeid} leaked: {found}"
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[RedisServer]:
+    """One real redis-server for the session, on a free loopback port."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_srv: RedisServer) -> Iterator[str]:
+    """A clean database for one test."""
+    import redis
+
+    url = redis_srv.url(0)
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    yield url
+    client.flushall()
+    client.close()

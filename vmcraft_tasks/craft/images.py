@@ -53,6 +53,16 @@ class ImageInfo:
             "backing_chain": list(self.backing_chain),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageInfo:
+        return cls(
+            path=data["path"],
+            format=data["format"],
+            virtual_size=int(data["virtual_size"]),
+            identity=data["identity"],
+            backing_chain=tuple(data.get("backing_chain", ())),
+        )
+
 
 def disk_identity(path: str) -> str:
     """Identity of an image file: device, inode, size and mtime.

@@ -66,6 +66,42 @@ def mountable(fs: Filesystem) -> bool:
     return fs.type is not None and fs.type not in UNMOUNTABLE_TYPES
 
 
+def scan(g: VMCraft) -> tuple[list[Partition], list[Filesystem]]:
+    """Partitions and filesystems of the disk (a bare filesystem counts as partition 0)."""
+    parts = g.list_partitions()
+    return parts, g.filesystems() if parts else _whole_disk_filesystem(g)
+
+
+def private_mountpoint(g: VMCraft, number: int) -> str:
+    return g.private_mountpoint(f"p{number}")
+
+
+def mount_device(g: VMCraft, number: int) -> str:
+    return _device(g, number)
+
+
+def find_roots(
+    g: VMCraft,
+    partitions: list[Partition],
+    filesystems: list[Filesystem],
+    mounts: dict[int, MountResult],
+) -> list[OSInfo]:
+    """Inspect every mounted filesystem that looks like an OS root (pure reading)."""
+    roots = []
+    for number, result in sorted(mounts.items()):
+        if not result.ok or not looks_like_os_root(result.mountpoint):
+            continue
+        info = inspect_root(
+            result.mountpoint,
+            root_partition=number,
+            filesystems=filesystems,
+            partitions=partitions,
+        )
+        if info is not None:
+            roots.append(info)
+    return roots
+
+
 def inspect_disk(g: VMCraft, *, max_workers: int = 4) -> DiskReport:
     """Mount each filesystem read-only under the attach's private directory and inspect it.
 
@@ -79,26 +115,14 @@ def inspect_disk(g: VMCraft, *, max_workers: int = 4) -> DiskReport:
         readonly=g.readonly,
     )
     t0 = time.perf_counter()
-    report.partitions = g.list_partitions()
-    report.filesystems = g.filesystems() if report.partitions else _whole_disk_filesystem(g)
+    report.partitions, report.filesystems = scan(g)
     t1 = time.perf_counter()
-    targets = [fs for fs in report.filesystems if mountable(fs)]
-    pairs = [(_device(g, fs.partition), g.private_mountpoint(f"p{fs.partition}")) for fs in targets]
+    targets = [fs.partition for fs in report.filesystems if mountable(fs)]
+    pairs = [(mount_device(g, n), private_mountpoint(g, n)) for n in targets]
     results = g.mount_all_parallel(pairs, max_workers=max_workers)
-    for fs, (_dev, mp) in zip(targets, pairs, strict=True):
-        report.mounts[fs.partition] = results[mp]
+    report.mounts = {n: results[mp] for n, (_dev, mp) in zip(targets, pairs, strict=True)}
     t2 = time.perf_counter()
-    for fs, (_dev, mp) in zip(targets, pairs, strict=True):
-        if not results[mp].ok or not looks_like_os_root(mp):
-            continue
-        info = inspect_root(
-            mp,
-            root_partition=fs.partition,
-            filesystems=report.filesystems,
-            partitions=report.partitions,
-        )
-        if info is not None:
-            report.roots.append(info)
+    report.roots = find_roots(g, report.partitions, report.filesystems, report.mounts)
     t3 = time.perf_counter()
     report.timings_ms = {
         "scan": round((t1 - t0) * 1000, 2),

@@ -12,14 +12,25 @@ from vmcraft_tasks.craft.errors import CommandError
 UMOUNT_TIMEOUT_S = 60.0
 
 
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape")
+
+
 def _mountinfo_points() -> list[str]:
     with open("/proc/self/mountinfo") as fh:
         # Field 5 is the mount point, with spaces and the like octal-escaped.
-        return [
-            line.split()[4].encode().decode("unicode_escape")
-            for line in fh
-            if len(line.split()) > 4
-        ]
+        return [_unescape(line.split()[4]) for line in fh if len(line.split()) > 4]
+
+
+def source_of(mountpoint: str) -> str:
+    """The mount source (device) of a mount point, or "" when not mounted."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target and "-" in fields:
+                return _unescape(fields[fields.index("-", 6) + 2])
+    return ""
 
 
 def is_mountpoint(path: str) -> bool:

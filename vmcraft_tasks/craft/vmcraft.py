@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
 from types import TracebackType
 
 from vmcraft_tasks.craft import cache as cache_mod
-from vmcraft_tasks.craft import commands, images, partitions, probe
+from vmcraft_tasks.craft import commands, images, mountinfo, partitions, probe
 from vmcraft_tasks.craft.cache import CacheTTL, InProcessTTLCache, ScanCache
 from vmcraft_tasks.craft.errors import (
     CommandError,
@@ -92,6 +93,7 @@ class VMCraft:
 
         disk, attempts = call_with_retry(attempt, self.settings.retry)
         disk.attempts = attempts
+        disk.save()
         self._backend, self._disk, self._image = backend, disk, image
         log.info(
             "attached %s (%s) via %s in %d attempt(s)",
@@ -102,6 +104,34 @@ class VMCraft:
         )
         return self
 
+    @classmethod
+    def resume(
+        cls,
+        state_dir: str,
+        *,
+        settings: CraftSettings | None = None,
+        cache: ScanCache | None = None,
+    ) -> VMCraft:
+        """Take over an attach made by another process of this host (a later task step).
+
+        The disk, its partition devices and its private mounts are found from the
+        attach's state directory; nothing is re-attached.
+        """
+        disk = AttachedDisk.load(state_dir)
+        backend = make_backend(disk.backend)
+        g = cls(disk.image.path, readonly=disk.readonly, settings=settings, cache=cache)
+        g._backend, g._disk, g._image = backend, disk, disk.image
+        g._devices.update(backend.known_partition_devices(disk))
+        g._mount_root = os.path.join(state_dir, "mnt")
+        for mountpoint in mountinfo.mounts_under(g._mount_root):
+            g._tracker.add(TrackedMount(mountinfo.source_of(mountpoint), mountpoint, "adopted"))
+        return g
+
+    def forget(self) -> None:
+        """Drop this handle but leave the disk attached and mounted for a later step."""
+        self._disk = None
+        self._devices.clear()
+
     def shutdown(self) -> None:
         """Unmount everything, release devices and helpers; safe to call twice."""
         if self._disk is None or self._backend is None:
@@ -109,6 +139,10 @@ class VMCraft:
         failed = self._tracker.umount_all()
         self._backend.release_partition_devices(self._disk)
         self._backend.detach(self._disk)
+        state_dir = self._disk.state_dir
+        if os.path.isdir(state_dir) and not mountinfo.mounts_under(state_dir):
+            # The kernel backend leaves its pid file; nothing in here is mounted.
+            shutil.rmtree(state_dir, ignore_errors=True)
         if self._mount_root:
             _remove_empty_tree(self._mount_root)
         self._disk = None

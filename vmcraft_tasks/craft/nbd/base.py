@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from vmcraft_tasks.craft.images import ImageInfo
 from vmcraft_tasks.craft.partitions import Partition
+
+ATTACH_FILE = "attach.json"
 
 
 @dataclass
@@ -21,6 +26,30 @@ class AttachedDisk:
     helper_pids: list[int] = field(default_factory=list)
     nbd_device: str | None = None  # kernel backend only
     attempts: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["image"] = self.image.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttachedDisk:
+        fields = dict(data)
+        fields["image"] = ImageInfo.from_dict(fields["image"])
+        return cls(**fields)
+
+    def save(self) -> None:
+        """Record the attach in its state directory, for other processes of this host."""
+        path = os.path.join(self.state_dir, ATTACH_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, state_dir: str) -> AttachedDisk:
+        with open(os.path.join(state_dir, ATTACH_FILE)) as fh:
+            return cls.from_dict(json.load(fh))
 
 
 class AttachBackend(ABC):
@@ -46,6 +75,10 @@ class AttachBackend(ABC):
     @abstractmethod
     def detach(self, disk: AttachedDisk) -> None:
         """Release everything `attach` created; safe to call twice."""
+
+    def known_partition_devices(self, disk: AttachedDisk) -> dict[int, str]:
+        """Partition devices already exposed for this attach (by any process)."""
+        return {}
 
     def reread_partitions(self, disk: AttachedDisk) -> None:
         """Make the host see a changed partition table."""

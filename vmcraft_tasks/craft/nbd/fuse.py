@@ -187,18 +187,26 @@ class FuseNbdBackend(AttachBackend):
         return proc.pid
 
     def partition_device(self, disk: AttachedDisk, partition: Partition) -> str:
-        # Serialised per backend: the resources file is rewritten for each device.
-        with self._loop_lock:
+        # Several worker processes of a host may share one attach: the record is
+        # the single truth, read and extended under its lock.
+        with self._loop_lock, AttachResources.locked(disk.state_dir):
             res = AttachResources.load(disk.state_dir)
+            known = res.loop_devices.get(str(partition.number))
+            if known and helpers.loop_backing_file(known) == disk.disk_path:
+                return known
             device = loopdev.attach_loop(
                 disk.disk_path, partition.offset_bytes, partition.size_bytes
             )
-            res.loop_devices.append(device)
+            res.loop_devices[str(partition.number)] = device
             res.save(disk.state_dir)
         return device
 
+    def known_partition_devices(self, disk: AttachedDisk) -> dict[int, str]:
+        res = AttachResources.load(disk.state_dir)
+        return {int(n): dev for n, dev in res.loop_devices.items()}
+
     def release_partition_devices(self, disk: AttachedDisk) -> None:
-        with self._loop_lock:
+        with self._loop_lock, AttachResources.locked(disk.state_dir):
             res = AttachResources.load(disk.state_dir)
             self._release_loops(res)
             res.save(disk.state_dir)
@@ -207,9 +215,9 @@ class FuseNbdBackend(AttachBackend):
     def _release_loops(res: AttachResources) -> None:
         if not res.fuse_file:
             return
-        for device in list(res.loop_devices):
+        for number, device in list(res.loop_devices.items()):
             helpers.detach_loop(device, res.fuse_file)
-            res.loop_devices.remove(device)
+            del res.loop_devices[number]
 
     def detach(self, disk: AttachedDisk) -> None:
         self.release(disk.state_dir)

@@ -9,15 +9,18 @@ what was created, by id, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from vmcraft_tasks.craft.nbd import loopdev
 
 RESOURCES_FILE = "resources.json"
+RESOURCES_LOCK = "resources.lock"
 
 
 @dataclass
@@ -26,7 +29,8 @@ class AttachResources:
     nbdfuse_pid: int | None = None
     fuse_file: str | None = None
     socket: str | None = None
-    loop_devices: list[str] = field(default_factory=list)
+    # partition number (as text: JSON keys) -> loop device
+    loop_devices: dict[str, str] = field(default_factory=dict)
 
     def save(self, state_dir: str) -> None:
         path = os.path.join(state_dir, RESOURCES_FILE)
@@ -34,6 +38,17 @@ class AttachResources:
         with open(tmp, "w") as fh:
             json.dump(asdict(self), fh)
         os.replace(tmp, path)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def locked(state_dir: str) -> Iterator[None]:
+        """Serialise read-modify-write of the record across worker processes of a host."""
+        fd = os.open(os.path.join(state_dir, RESOURCES_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     @classmethod
     def load(cls, state_dir: str) -> AttachResources:

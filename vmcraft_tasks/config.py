@@ -1,0 +1,89 @@
+"""Fleet settings, read from the environment once, the same in every client.
+
+Workers, the scheduler, the CLI and Flower all build their Celery configuration
+from `FleetSettings`, so time limits and the broker's visibility timeout can never
+disagree between them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from exc
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+    return value
+
+
+def _roots(raw: str | None) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    return tuple(os.path.abspath(p) for p in raw.split(":") if p)
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    broker_url: str = f"{DEFAULT_REDIS}/0"
+    result_backend: str = f"{DEFAULT_REDIS}/1"
+    cache_url: str = f"{DEFAULT_REDIS}/2"
+    host_id: str = field(default_factory=socket.gethostname)
+    work_dir: str = "/run/vmcraft"
+    image_roots: tuple[str, ...] = ()
+    max_attached: int = 4  # NBD slots: disks attached at once on one host
+    max_mounts: int = 4  # concurrent mount operations on one host (the guide's max_workers)
+    max_conversions: int = 2  # concurrent qemu-img convert on one host
+    lease_ttl_s: int = 60  # slot leases expire unless the host heartbeat refreshes them
+    heartbeat_s: int = 10
+    soft_time_limit_s: int = 1800
+    time_limit_s: int = 1900
+    visibility_timeout_s: int = 3600
+
+    def __post_init__(self) -> None:
+        if not self.soft_time_limit_s < self.time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "time limits must satisfy soft < hard < broker visibility timeout "
+                f"(got {self.soft_time_limit_s}, {self.time_limit_s}, {self.visibility_timeout_s})"
+            )
+        if self.heartbeat_s >= self.lease_ttl_s:
+            raise ValueError("VMCRAFT_HEARTBEAT_S must be shorter than VMCRAFT_LEASE_TTL_S")
+
+    @classmethod
+    def from_env(cls) -> FleetSettings:
+        env = os.environ
+        broker = env.get("VMCRAFT_BROKER_URL", f"{DEFAULT_REDIS}/0")
+        return cls(
+            broker_url=broker,
+            result_backend=env.get("VMCRAFT_RESULT_BACKEND", _sibling_db(broker, 1)),
+            cache_url=env.get("VMCRAFT_CACHE_URL", _sibling_db(broker, 2)),
+            host_id=env.get("VMCRAFT_HOST_ID") or socket.gethostname(),
+            work_dir=env.get("VMCRAFT_WORK_DIR", "/run/vmcraft"),
+            image_roots=_roots(env.get("VMCRAFT_IMAGE_ROOTS")),
+            max_attached=_int("VMCRAFT_MAX_ATTACHED", 4),
+            max_mounts=_int("VMCRAFT_MAX_MOUNTS", 4),
+            max_conversions=_int("VMCRAFT_MAX_CONVERSIONS", 2),
+            lease_ttl_s=_int("VMCRAFT_LEASE_TTL_S", 60),
+            heartbeat_s=_int("VMCRAFT_HEARTBEAT_S", 10),
+            soft_time_limit_s=_int("VMCRAFT_SOFT_TIME_LIMIT_S", 1800),
+            time_limit_s=_int("VMCRAFT_TIME_LIMIT_S", 1900),
+            visibility_timeout_s=_int("VMCRAFT_VISIBILITY_TIMEOUT_S", 3600),
+        )
+
+
+def _sibling_db(url: str, db: int) -> str:
+    """The same Redis server as `url`, another database number."""
+    base, sep, last = url.rpartition("/")
+    if sep and last.isdigit() and base.count("/") >= 2:
+        return f"{base}/{db}"
+    return f"{url.rstrip('/')}/{db}"

@@ -1,0 +1,195 @@
+"""The fleet's scan cache: `ScanCache` on Redis, shared by every worker process and host.
+
+Lives outside `vmcraft_tasks.craft` on purpose: the craft library must run
+without redis installed, so only the fleet imports this module.
+
+Every operation is exactly one round trip (a GET hit costs one EVALSHA that both
+reads the value and counts the hit), so a warm scan stays far below a
+millisecond per lookup against a local Redis. Generations are never cached in
+the process: another worker may bump them at any moment.
+
+A dead Redis raises `CacheUnavailableError` instead of answering "miss": a
+cache that silently went empty would turn every scan of the fleet into a real
+sfdisk/blkid run without anybody noticing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from vmcraft_tasks.craft.cache import ScanCache
+from vmcraft_tasks.craft.errors import VMCraftError
+
+DEFAULT_NAMESPACE = "vmcraft:cache:v1"
+
+# Longer than any sane entry TTL: entries are clamped to half of it (see `set`), so a
+# generation key can only expire after every entry naming it already has.
+DEFAULT_GENERATION_TTL_S = 7 * 24 * 3600.0
+
+# GET and the matching counter in one call: a pipeline cannot choose the counter
+# field from the GET's answer, and two round trips would double the cost of a hit.
+_GET_AND_COUNT = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('HINCRBY', KEYS[2], ARGV[1] .. '_hits', 1)
+else
+  redis.call('HINCRBY', KEYS[2], ARGV[1] .. '_misses', 1)
+end
+return value
+"""
+
+T = TypeVar("T")
+
+
+class CacheUnavailableError(VMCraftError):
+    """The Redis behind the scan cache cannot be reached (refused, timed out, auth failed)."""
+
+    def __init__(self, url: str, namespace: str, reason: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.reason = reason
+        super().__init__(f"scan cache {url} (namespace {namespace}) unavailable: {reason}")
+
+
+class RedisScanCache(ScanCache):
+    """Scan results, generations and hit/miss counters in one Redis database."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        generation_ttl_s: float = DEFAULT_GENERATION_TTL_S,
+    ) -> None:
+        if generation_ttl_s <= 0:
+            raise ValueError("generation_ttl_s must be positive")
+        self.client = client
+        self.namespace = namespace
+        self.url = _describe_client(client)
+        self._generation_ttl_ms = _to_ms(generation_ttl_s)
+        self._max_entry_ttl_ms = max(1, self._generation_ttl_ms // 2)
+        self._stats_key = f"{namespace}:stats"
+        # EVALSHA; the script is loaded on first use (and again after a SCRIPT FLUSH).
+        self._get_and_count = client.register_script(_GET_AND_COUNT)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        generation_ttl_s: float = DEFAULT_GENERATION_TTL_S,
+        **redis_kwargs: Any,
+    ) -> RedisScanCache:
+        """A cache on its own client; `redis_kwargs` override the timeouts chosen here.
+
+        redis-py's default (5 s timeouts, 10 retries with backoff) would stall a scan
+        for seconds on a dead cache; a brief restart is still ridden out, a dead
+        server fails within about a second.
+        """
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 1.0,
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=3),
+        }
+        options.update(redis_kwargs)
+        client = redis.Redis.from_url(url, **options)
+        cache = cls(client, namespace=namespace, generation_ttl_s=generation_ttl_s)
+        cache.url = _redact(url)
+        return cache
+
+    # -- ScanCache ----------------------------------------------------------------
+
+    def get(self, key: str, kind: str) -> Any | None:
+        raw = self._call(
+            lambda: self._get_and_count(keys=[self._entry_key(key), self._stats_key], args=[kind])
+        )
+        return None if raw is None else json.loads(raw)
+
+    def set(self, key: str, value: Any, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        payload = json.dumps(value, separators=(",", ":"))
+        ttl_ms = min(_to_ms(ttl_s), self._max_entry_ttl_ms)
+        self._call(lambda: self.client.set(self._entry_key(key), payload, px=ttl_ms))
+
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.client.delete(self._entry_key(key)))
+
+    def generation(self, disk_identity: str) -> int:
+        # GETEX rather than GET: a generation still being read must not expire under
+        # the entries written with it (same single round trip).
+        gen_key = self._generation_key(disk_identity)
+        raw = self._call(lambda: self.client.getex(gen_key, px=self._generation_ttl_ms))
+        return 0 if raw is None else int(raw)
+
+    def bump_generation(self, disk_identity: str) -> int:
+        # Older keys are not scanned or deleted: they are unreachable now and expire by TTL.
+        gen_key = self._generation_key(disk_identity)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(gen_key)
+        pipe.pexpire(gen_key, self._generation_ttl_ms)
+        new_generation, _ = self._call(pipe.execute)
+        return int(new_generation)
+
+    def stats(self) -> dict[str, int]:
+        raw = self._call(lambda: self.client.hgetall(self._stats_key))
+        return {_text(field): int(count) for field, count in raw.items()}
+
+    # -- helpers ------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _entry_key(self, key: str) -> str:
+        return f"{self.namespace}:{key}"
+
+    def _generation_key(self, disk_identity: str) -> str:
+        return f"{self.namespace}:gen:{disk_identity}"
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise CacheUnavailableError(self.url, self.namespace, str(exc) or repr(exc)) from exc
+
+
+def _to_ms(seconds: float) -> int:
+    # Rounded up: a positive TTL must never become PX 0, which Redis rejects.
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _redact(url: str) -> str:
+    """`url` without its password, fit for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literals keep their brackets
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _describe_client(client: redis.Redis) -> str:
+    """A password-free URL for a client built without one, for error messages."""
+    kwargs = client.connection_pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={db}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
