@@ -45,11 +45,14 @@ class Partition:
         return replace(self, device=device)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Facts about the disk only: the block device is host-local and left out."""
+        data = asdict(self)
+        del data["device"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k != "device"})
 
 
 def _number_from_node(node: str) -> int:

@@ -1,0 +1,101 @@
+"""The human-readable inspection report, from its JSON form (pure).
+
+Both `vmcraft inspect` (library, in-process) and `vmcraft-tasks inspect` (through
+the fleet) print with this, so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _mount_how(mount: dict[str, Any] | None) -> str:
+    if mount is None:
+        return "-"
+    if not mount["ok"]:
+        return f"FAILED: {mount['error']}"
+    how = f"{mount['strategy']} ({mount['driver']})"
+    if mount.get("stale_view"):
+        how += ", STALE pre-journal view"
+    if mount.get("journal_replayed"):
+        how += ", journal replayed in overlay"
+    return how
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    img = report["image"]
+    chain = img.get("backing_chain") or []
+    lines = [
+        f"image     {img['path']}",
+        f"format    {img['format']}, {human_size(img['virtual_size'])}"
+        + (f", backing chain: {' -> '.join(chain)}" if chain else ""),
+    ]
+    if "backend" in report:
+        mode = "read-only (throw-away overlay)" if report.get("readonly", True) else "read-write"
+        lines.append(
+            f"attach    {report['backend']} backend, {report['attach_attempts']} attempt(s), {mode}"
+        )
+    if report.get("host"):
+        lines.append(f"host      {report['host']}")
+    return lines
+
+
+def _partition_rows(report: dict[str, Any]) -> list[str]:
+    rows = [f"{'#':>3}  {'size':>10}  {'type':<8} {'label':<14} {'uuid':<38} mount"]
+    fs_by_part = {f["partition"]: f for f in report["filesystems"]}
+    mounts = report["mounts"]
+    numbers = [p["number"] for p in report["partitions"]] or sorted(fs_by_part)
+    sizes = {p["number"]: p["size_sectors"] * p["sector_size"] for p in report["partitions"]}
+    for number in numbers:
+        fs = fs_by_part.get(number, {})
+        size = human_size(sizes[number]) if number in sizes else "whole disk"
+        rows.append(
+            f"{number:>3}  {size:>10}  {fs.get('type') or '-':<8} {fs.get('label') or '-':<14} "
+            f"{fs.get('uuid') or '-':<38} {_mount_how(mounts.get(str(number)))}"
+        )
+    return rows
+
+
+def _root_lines(root: dict[str, Any]) -> list[str]:
+    version = f"{root['major']}.{root['minor']}" if root.get("major") is not None else None
+    lines = [f"root on partition {root['root_partition']}: {root['type']}"]
+    for label, value in (
+        ("distro", root.get("distro")),
+        ("product", root.get("product_name")),
+        ("version", version),
+        ("arch", root.get("arch")),
+        ("hostname", root.get("hostname")),
+        ("packages", root.get("package_format")),
+    ):
+        lines.append(f"  {label:<9} {value if value is not None else 'unknown'}")
+    if root.get("fstab"):
+        lines.append("  fstab")
+        for entry in root["fstab"]:
+            part = entry["resolved_partition"]
+            target = (
+                f"partition {part}" if part is not None else f"not on this disk ({entry['kind']})"
+            )
+            lines.append(f"    {entry['spec']:<44} {entry['mountpoint']:<12} -> {target}")
+    lines += [f"  note: {note}" for note in root.get("notes") or []]
+    return lines
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """Text for a report in its JSON form (`DiskReport.to_dict()` or a fleet result)."""
+    lines = [*_header(report), "", *_partition_rows(report), ""]
+    if not report["roots"]:
+        lines.append("no operating system found")
+    for root in report["roots"]:
+        lines += _root_lines(root)
+    if "elapsed_ms" in report:
+        lines += ["", f"inspected in {report['elapsed_ms']:.0f} ms"]
+    return "\n".join(lines)

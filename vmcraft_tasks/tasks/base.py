@@ -1,0 +1,39 @@
+"""What every VM step shares: timing, one log line per outcome, progress in Flower."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+log = logging.getLogger("vmcraft_tasks.tasks")
+
+
+class VMStep(Task):  # type: ignore[misc]
+    """Base for VM steps. Retry policy lives here, not in each task."""
+
+    abstract = True
+    # Step failures are facts about one VM, reported in its job record; a retry
+    # would only repeat them. Host-full retries are explicit in `attach`.
+    max_retries = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Exception as exc:
+            log.warning("%s failed after %.1f ms: %s", self.name, _ms(started), exc)
+            raise
+        log.info("%s done in %.1f ms", self.name, _ms(started))
+        return result
+
+    def progress(self, **meta: Any) -> None:
+        """A custom state Flower shows while the step runs."""
+        if self.request.id and not self.request.called_directly:
+            self.update_state(state="PROGRESS", meta=meta)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

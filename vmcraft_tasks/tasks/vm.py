@@ -1,0 +1,195 @@
+"""The steps of one VM: attach -> scan -> chord(mount each partition) -> inspect -> detach.
+
+`attach` runs on whichever host takes the VM from the intake queue; every later
+step is pinned to that host's queue (the disk is attached there). The whole tail
+is built by the step that knows the host, each signature pinned, because a canvas
+that replaces a task loses whatever followed that task in the caller's chain.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import chain, chord
+
+from vmcraft_tasks import jobs
+from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft.errors import VMCraftError
+from vmcraft_tasks.craft.inspect_disk import find_roots, mountable, private_mountpoint
+from vmcraft_tasks.craft.mount.ladder import MountResult
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.queues import INTAKE_QUEUE, pin
+from vmcraft_tasks.tasks.base import VMStep
+from vmcraft_tasks.validation import validate_image_path
+from worker import timeline
+from worker.reconcile import write_job_marker
+from worker.runtime import runtime
+
+HOST_FULL_RETRY_S = 0.5
+HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
+MOUNT_WAIT_S = 120.0
+
+
+def _ctx(job: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**job, **extra}
+
+
+@app.task(name="vmcraft.vm.attach", bind=True, base=VMStep, max_retries=HOST_FULL_MAX_RETRIES)
+def attach(self: VMStep, job: dict[str, Any]) -> Any:
+    """Take a slot on this host, attach the disk, and hand the VM to this host's queue."""
+    rt = runtime()
+    job_id = job["job_id"]
+    try:
+        image = validate_image_path(job["image"], rt.settings.image_roots)
+    except ValueError as exc:
+        rt.jobs.fail(job_id, str(exc))
+        return {"job_id": job_id, "ok": False, "error": str(exc)}
+    if rt.leases.acquire(job_id) is None:
+        # Full: put the VM back on the intake queue for any host, without blocking.
+        raise self.retry(countdown=HOST_FULL_RETRY_S, queue=INTAKE_QUEUE)
+    if not rt.jobs.transition(job_id, jobs.ATTACHING, host=rt.host_id):
+        rt.leases.release(job_id)
+        return {"job_id": job_id, "ok": False, "error": "job already ended"}
+    rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, attached_at=time.time())
+    try:
+        g = VMCraft(image, settings=rt.craft_settings, cache=rt.cache).launch()
+    except VMCraftError as exc:
+        rt.leases.release(job_id)
+        rt.jobs.fail(job_id, str(exc))
+        return {"job_id": job_id, "ok": False, "error": str(exc)}
+    state_dir = g.disk.state_dir
+    write_job_marker(state_dir, job_id, rt.host_id, rt.worker_pid)
+    rt.jobs.set_progress(job_id, attach_attempts=g.attach_attempts, backend=g.backend_name)
+    g.forget()
+    self.progress(job_id=job_id, step="attached", host=rt.host_id)
+    ctx = _ctx(job, host=rt.host_id, state_dir=state_dir)
+    raise self.replace(pin(scan.si(ctx), rt.host_id))
+
+
+@app.task(name="vmcraft.vm.scan", bind=True, base=VMStep)
+def scan(self: VMStep, ctx: dict[str, Any]) -> Any:
+    """Partitions and filesystems (Redis cache), then fan the mounts out on this host."""
+    rt = runtime()
+    job_id = ctx["job_id"]
+    rt.jobs.transition(job_id, jobs.SCANNING)
+    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    try:
+        parts = g.list_partitions()
+        filesystems = g.filesystems()
+    finally:
+        g.forget()
+    targets = [fs.partition for fs in filesystems if mountable(fs)]
+    ctx = _ctx(
+        ctx,
+        partitions=[p.to_dict() for p in parts],
+        filesystems=[fs.to_dict() for fs in filesystems],
+        mount_targets=targets,
+    )
+    rt.jobs.transition(job_id, jobs.MOUNTING)
+    rt.jobs.set_progress(job_id, mounted=0, to_mount=len(targets))
+    self.progress(job_id=job_id, step="scanned", partitions=len(parts))
+    raise self.replace(vm_tail(ctx))
+
+
+def vm_tail(ctx: dict[str, Any]) -> Any:
+    """chord(mount each partition) -> inspect -> detach, all on the VM's host;
+    any step that raises ends in `detach_on_error` there too."""
+    host = ctx["host"]
+    header = [mount_partition.si(ctx, n) for n in ctx["mount_targets"]]
+    body = inspect_vm.s(ctx)
+    flow = (
+        chain(chord(header, body), detach.s(ctx))
+        if header
+        else chain(inspect_vm.si([], ctx), detach.s(ctx))
+    )
+    flow.on_error(detach_on_error.s(ctx))
+    return pin(flow, host)
+
+
+@app.task(name="vmcraft.vm.mount_partition", bind=True, base=VMStep)
+def mount_partition(self: VMStep, ctx: dict[str, Any], number: int) -> dict[str, Any]:
+    """Mount one partition under the host-wide mount limit. A filesystem that will not
+    mount is a value, not an error, so the chord body still runs."""
+    rt = runtime()
+    job_id = ctx["job_id"]
+    token = f"{job_id}:{number}"
+    with rt.mount_slots.hold(token, timeout_s=MOUNT_WAIT_S):
+        started = time.time()
+        g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+        try:
+            result = g.mount_with_fallback(number, private_mountpoint(g, number))
+        finally:
+            g.forget()
+        ended = time.time()
+    timeline.record_interval(rt.state, rt.host_id, "mount", started, ended, token)
+    done = rt.jobs.bump_progress(job_id, "mounted")
+    self.progress(job_id=job_id, step="mounting", mounted=done, of=len(ctx["mount_targets"]))
+    return {"partition": number, **result.to_dict()}
+
+
+@app.task(name="vmcraft.vm.inspect", bind=True, base=VMStep)
+def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], ctx: dict[str, Any]) -> dict[str, Any]:
+    rt = runtime()
+    job_id = ctx["job_id"]
+    rt.jobs.transition(job_id, jobs.INSPECTING)
+    parts = [Partition.from_dict(p) for p in ctx["partitions"]]
+    filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
+    results = {
+        m["partition"]: MountResult(**{k: v for k, v in m.items() if k != "partition"})
+        for m in mounts
+    }
+    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    try:
+        roots = find_roots(g, parts, filesystems, results)
+    finally:
+        g.forget()
+    self.progress(job_id=job_id, step="inspected", roots=len(roots))
+    return {
+        "job_id": job_id,
+        "host": rt.host_id,
+        "image": ctx["image"],
+        "partitions": ctx["partitions"],
+        "filesystems": ctx["filesystems"],
+        "mounts": {str(n): r.to_dict() for n, r in sorted(results.items())},
+        "roots": [r.to_dict() for r in roots],
+    }
+
+
+def _release(ctx: dict[str, Any]) -> None:
+    """Detach the disk (if still attached here) and give the slot back."""
+    rt = runtime()
+    state_dir = ctx.get("state_dir")
+    if state_dir and os.path.isdir(state_dir):
+        VMCraft.resume(state_dir, settings=rt.craft_settings, cache=rt.cache).shutdown()
+    rt.leases.release(ctx["job_id"])
+    record = rt.jobs.get(ctx["job_id"])
+    attached_at = record.progress.get("attached_at")
+    if isinstance(attached_at, float):
+        timeline.record_interval(
+            rt.state, rt.host_id, "vm", attached_at, time.time(), ctx["job_id"]
+        )
+
+
+@app.task(name="vmcraft.vm.detach", bind=True, base=VMStep)
+def detach(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    rt = runtime()
+    rt.jobs.transition(ctx["job_id"], jobs.DETACHING)
+    _release(ctx)
+    rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
+    return report
+
+
+@app.task(name="vmcraft.vm.detach_on_error", bind=True, base=VMStep)
+def detach_on_error(
+    self: VMStep, request: Any, exc: BaseException, traceback: Any, ctx: dict[str, Any]
+) -> dict[str, Any]:
+    """Errback: the VM failed in some step; it still ends detached, with the reason."""
+    rt = runtime()
+    reason = f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {exc}"
+    _release(ctx)
+    rt.jobs.fail(ctx["job_id"], reason)
+    return {"job_id": ctx["job_id"], "ok": False, "error": reason}

@@ -1,0 +1,192 @@
+"""NBD slot leases: which task holds which of a host's `max_attached` slots.
+
+A slot is a Redis key (`keys.slot_key`) set with NX and a PX expiry, holding the
+owner id (a task id). Redis is the guarantee that two processes never hold one
+slot: the Lua scripts below run atomically, so "find the lowest free slot and take
+it" cannot interleave with another acquire, on this host or any other.
+
+Leases expire unless refreshed (the host heartbeat calls `refresh_all`), so a host
+that dies gives its slots back after `ttl_s` without anyone cleaning up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+
+from worker import keys
+
+HOST_SLOTS_LOCK = "host-slots.lock"
+
+# A retried task must get back the slot it already holds, not a second one, so the
+# owner's existing lease is looked for (and renewed) before any free slot is taken.
+_ACQUIRE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    return i - 1
+  end
+end
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return i - 1
+  end
+end
+return -1
+"""
+
+# Compare-and-delete: a lease that expired and was taken by someone else must not
+# be deleted by its former owner.
+_RELEASE = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV[2] == '1' refreshes every lease on the host; otherwise only the owners listed
+# from ARGV[3] on. Checking the owner inside the script keeps a refresh from
+# extending a lease that changed hands since the caller last looked.
+_REFRESH = """
+local wanted = {}
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
+local n = 0
+for _, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  if owner and (ARGV[2] == '1' or wanted[owner]) then
+    redis.call('PEXPIRE', key, ARGV[1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    host: str
+    slot: int
+    owner: str
+
+    @property
+    def key(self) -> str:
+        return keys.slot_key(self.host, self.slot)
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    """`ttl_s` as whole milliseconds for PX/PEXPIRE; sub-second TTLs are fine."""
+    ms = round(ttl_s * 1000)
+    if ms < 1:
+        raise ValueError(f"ttl must be at least 1 ms, not {ttl_s} s")
+    return ms
+
+
+@contextmanager
+def _host_lock(work_dir: str | None) -> Iterator[None]:
+    """Serialise acquires among this host's processes.
+
+    Not needed for correctness (the Lua script is atomic); it exists for operators
+    who want acquires on one host to be strictly one at a time. Each call opens its
+    own file description, so the flock excludes threads of one process as well.
+    """
+    if work_dir is None:
+        yield
+        return
+    os.makedirs(work_dir, exist_ok=True)
+    fd = os.open(
+        os.path.join(work_dir, HOST_SLOTS_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class SlotLeases:
+    """The `slots` NBD slots of one host, leased for `ttl_s` at a time."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        host: str,
+        slots: int,
+        ttl_s: float,
+        *,
+        work_dir: str | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"a host needs at least 1 slot, not {slots}")
+        self.host = host
+        self.slots = slots
+        self.ttl_s = ttl_s
+        self.work_dir = work_dir
+        self._client = client
+        self._ttl_ms = _ttl_ms(ttl_s)
+        self._keys = [keys.slot_key(host, slot) for slot in range(slots)]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self._refresh = client.register_script(_REFRESH)
+
+    def acquire(self, owner: str) -> Lease | None:
+        """The lowest free slot, or the one `owner` already holds; None when full."""
+        _check_owner(owner)
+        with _host_lock(self.work_dir):
+            slot = int(self._acquire(keys=self._keys, args=[owner, self._ttl_ms]))
+        return None if slot < 0 else Lease(self.host, slot, owner)
+
+    def release(self, lease_or_owner: Lease | str) -> bool:
+        """Free the lease if it is still held by its owner; False if it was not."""
+        if isinstance(lease_or_owner, Lease):
+            if lease_or_owner.host != self.host or lease_or_owner.slot >= self.slots:
+                raise ValueError(f"{lease_or_owner} is not a lease of host {self.host}")
+            owner, slot_keys = lease_or_owner.owner, [lease_or_owner.key]
+        else:
+            owner, slot_keys = lease_or_owner, self._keys
+        _check_owner(owner)
+        return int(self._release(keys=slot_keys, args=[owner])) > 0
+
+    def refresh_all(self, owners: AbstractSet[str] | None = None) -> int:
+        """Extend to `ttl_s` the leases of `owners` (None: every lease on the host).
+
+        Returns how many leases were extended.
+        """
+        if owners is not None and not owners:
+            return 0
+        every = "1" if owners is None else "0"
+        args: list[str | int] = [self._ttl_ms, every, *sorted(owners or ())]
+        return int(self._refresh(keys=self._keys, args=args))
+
+    def held(self) -> dict[int, str]:
+        """Slot number -> owner, for every slot currently leased."""
+        values = self._client.mget(self._keys)
+        return {slot: _text(v) for slot, v in enumerate(values) if v is not None}
+
+    def free_count(self) -> int:
+        return self.slots - len(self.held())
+
+    def owner_of(self, owner: str) -> Lease | None:
+        """The lease `owner` holds on this host, if any."""
+        for slot, holder in self.held().items():
+            if holder == owner:
+                return Lease(self.host, slot, owner)
+        return None
+
+
+def _check_owner(owner: str) -> None:
+    if not owner:
+        raise ValueError("a lease owner id must not be empty")
