@@ -139,6 +139,18 @@ class JobStore:
     def bump_progress(self, job_id: str, name: str, amount: int = 1) -> int:
         return int(self.client.hincrby(_key(job_id), f"prog:{name}", amount))
 
+    def record_step(self, job_id: str, task: str, host: str, task_id: str) -> None:
+        """Which host ran which step: facts the tests and reports read back."""
+        key = _key(job_id) + ":steps"
+        entry = json.dumps({"task": task, "host": host, "task_id": task_id, "at": time.time()})
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, entry)
+        pipe.expire(key, JOB_TTL_S)
+        pipe.execute()
+
+    def steps(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.client.lrange(_key(job_id) + ":steps", 0, -1)]
+
     def get(self, job_id: str) -> JobRecord:
         raw = self.client.hgetall(_key(job_id))
         if not raw:

@@ -21,6 +21,12 @@ class VMStep(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        job_id = _job_id(args)
+        if job_id and not self.request.called_directly:
+            from worker.runtime import runtime
+
+            rt = runtime()
+            rt.jobs.record_step(job_id, self.name, rt.host_id, self.request.id or "")
         try:
             result = super().__call__(*args, **kwargs)
         except Exception as exc:
@@ -33,6 +39,14 @@ class VMStep(Task):  # type: ignore[misc]
         """A custom state Flower shows while the step runs."""
         if self.request.id and not self.request.called_directly:
             self.update_state(state="PROGRESS", meta=meta)
+
+
+def _job_id(args: tuple[Any, ...]) -> str | None:
+    """Steps take the VM's job context (a dict with `job_id`) among their arguments."""
+    for arg in args:
+        if isinstance(arg, dict) and isinstance(arg.get("job_id"), str):
+            return str(arg["job_id"])
+    return None
 
 
 def _ms(started: float) -> float:

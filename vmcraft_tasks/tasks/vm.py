@@ -16,6 +16,7 @@ from celery import chain, chord
 
 from vmcraft_tasks import jobs
 from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.craft.inspect_disk import find_roots, mountable, private_mountpoint
 from vmcraft_tasks.craft.mount.ladder import MountResult
@@ -77,11 +78,16 @@ def scan(self: VMStep, ctx: dict[str, Any]) -> Any:
     job_id = ctx["job_id"]
     rt.jobs.transition(job_id, jobs.SCANNING)
     g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    ran: list[str] = []
+    stop_counting = commands.add_observer(lambda argv: ran.append(argv[0]))
     try:
         parts = g.list_partitions()
         filesystems = g.filesystems()
     finally:
+        stop_counting()
         g.forget()
+    # What the scan really ran: zero probes means the shared cache answered.
+    rt.jobs.set_progress(job_id, scan_sfdisk=ran.count("sfdisk"), scan_blkid=ran.count("blkid"))
     targets = [fs.partition for fs in filesystems if mountable(fs)]
     ctx = _ctx(
         ctx,
