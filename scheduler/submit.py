@@ -34,22 +34,24 @@ class FleetClient:
         return cls(FleetSettings.from_env())
 
     def __post_init__(self) -> None:
+        from vmcraft_tasks.celery_app import create_app
+
         self.state = redis.Redis.from_url(self.settings.broker_url)
         self.jobs = JobStore(self.state)
+        # A client app bound to these settings, whatever the process environment says.
+        self.app = create_app(self.settings)
 
     def online_hosts(self) -> list[str]:
         return [h.host_id for h in list_hosts(self.state) if h.online]
 
     def submit_inspect(self, image: str, *, job_id: str | None = None) -> str:
         """Queue one image for inspection on any host with a free slot; returns the job id."""
-        from vmcraft_tasks.celery_app import app
-
         if not self.online_hosts():
             raise NoHostOnlineError(self.settings.broker_url)
         job_id = job_id or uuid.uuid4().hex
         image = os.path.abspath(image)
         self.jobs.create(job_id, image)
-        app.send_task(
+        self.app.send_task(
             ATTACH_TASK,
             args=[{"job_id": job_id, "image": image}],
             queue=INTAKE_QUEUE,
@@ -62,3 +64,4 @@ class FleetClient:
 
     def close(self) -> None:
         self.state.close()
+        self.app.close()

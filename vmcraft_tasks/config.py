@@ -44,6 +44,7 @@ class FleetSettings:
     max_attached: int = 4  # NBD slots: disks attached at once on one host
     max_mounts: int = 4  # concurrent mount operations on one host (the guide's max_workers)
     max_conversions: int = 2  # concurrent qemu-img convert on one host
+    mount_wait_s: int = 120  # how long a mount step waits for a place under max_mounts
     lease_ttl_s: int = 60  # slot leases expire unless the host heartbeat refreshes them
     heartbeat_s: int = 10
     soft_time_limit_s: int = 1800
@@ -73,6 +74,7 @@ class FleetSettings:
             max_attached=_int("VMCRAFT_MAX_ATTACHED", 4),
             max_mounts=_int("VMCRAFT_MAX_MOUNTS", 4),
             max_conversions=_int("VMCRAFT_MAX_CONVERSIONS", 2),
+            mount_wait_s=_int("VMCRAFT_MOUNT_WAIT_S", 120),
             lease_ttl_s=_int("VMCRAFT_LEASE_TTL_S", 60),
             heartbeat_s=_int("VMCRAFT_HEARTBEAT_S", 10),
             soft_time_limit_s=_int("VMCRAFT_SOFT_TIME_LIMIT_S", 1800),

@@ -139,10 +139,12 @@ class JobStore:
     def bump_progress(self, job_id: str, name: str, amount: int = 1) -> int:
         return int(self.client.hincrby(_key(job_id), f"prog:{name}", amount))
 
-    def record_step(self, job_id: str, task: str, host: str, task_id: str) -> None:
-        """Which host ran which step: facts the tests and reports read back."""
+    def record_step(self, job_id: str, task: str, host: str, task_id: str, outcome: str) -> None:
+        """Which host ran which step, and how it ended: facts tests and reports read back."""
         key = _key(job_id) + ":steps"
-        entry = json.dumps({"task": task, "host": host, "task_id": task_id, "at": time.time()})
+        entry = json.dumps(
+            {"task": task, "host": host, "task_id": task_id, "outcome": outcome, "at": time.time()}
+        )
         pipe = self.client.pipeline(transaction=False)
         pipe.rpush(key, entry)
         pipe.expire(key, JOB_TTL_S)

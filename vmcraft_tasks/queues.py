@@ -49,5 +49,15 @@ def _pin(sig: Any, queue: str) -> None:
             _pin(task, queue)
     sig.set(queue=queue)
     for key in ("link", "link_error"):
-        for callback in sig.options.get(key) or []:
-            _pin(callback, queue)
+        callbacks = sig.options.get(key)
+        if callbacks:
+            # Canvas operations may have turned callbacks into plain dicts.
+            sig.options[key] = [_pinned_copy(c, queue) for c in callbacks]
+
+
+def _pinned_copy(callback: Any, queue: str) -> Any:
+    from celery.canvas import maybe_signature
+
+    sig = maybe_signature(callback)
+    _pin(sig, queue)
+    return sig

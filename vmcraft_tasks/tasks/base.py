@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore, Retry
 
 log = logging.getLogger("vmcraft_tasks.tasks")
 
@@ -21,19 +22,31 @@ class VMStep(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        outcome = "failed"
+        try:
+            result = super().__call__(*args, **kwargs)
+            outcome = "done"
+            return result
+        except Retry:
+            outcome = "retry"  # e.g. the host was full: the VM went back to the intake queue
+            raise
+        except Ignore:
+            outcome = "replaced"  # the step handed the VM on to its next steps
+            raise
+        except Exception as exc:
+            log.warning("%s failed after %.1f ms: %s", self.name, _ms(started), exc)
+            raise
+        finally:
+            log.info("%s %s in %.1f ms", self.name, outcome, _ms(started))
+            self._record(args, outcome)
+
+    def _record(self, args: tuple[Any, ...], outcome: str) -> None:
         job_id = _job_id(args)
         if job_id and not self.request.called_directly:
             from worker.runtime import runtime
 
             rt = runtime()
-            rt.jobs.record_step(job_id, self.name, rt.host_id, self.request.id or "")
-        try:
-            result = super().__call__(*args, **kwargs)
-        except Exception as exc:
-            log.warning("%s failed after %.1f ms: %s", self.name, _ms(started), exc)
-            raise
-        log.info("%s done in %.1f ms", self.name, _ms(started))
-        return result
+            rt.jobs.record_step(job_id, self.name, rt.host_id, self.request.id or "", outcome)
 
     def progress(self, **meta: Any) -> None:
         """A custom state Flower shows while the step runs."""

@@ -32,7 +32,6 @@ from worker.runtime import runtime
 
 HOST_FULL_RETRY_S = 0.5
 HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
-MOUNT_WAIT_S = 120.0
 
 
 def _ctx(job: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -102,17 +101,23 @@ def scan(self: VMStep, ctx: dict[str, Any]) -> Any:
 
 
 def vm_tail(ctx: dict[str, Any]) -> Any:
-    """chord(mount each partition) -> inspect -> detach, all on the VM's host;
-    any step that raises ends in `detach_on_error` there too."""
+    """chord(mount each partition) -> inspect -> detach, all on the VM's host.
+
+    Every step carries its own errback: Celery does not reliably pass a chord
+    header's failure to errbacks set on the canvas, and a VM must never be left
+    attached because one step raised.
+    """
     host = ctx["host"]
-    header = [mount_partition.si(ctx, n) for n in ctx["mount_targets"]]
-    body = inspect_vm.s(ctx)
-    flow = (
-        chain(chord(header, body), detach.s(ctx))
-        if header
-        else chain(inspect_vm.si([], ctx), detach.s(ctx))
-    )
-    flow.on_error(detach_on_error.s(ctx))
+
+    def guarded(sig: Any) -> Any:
+        return sig.on_error(detach_on_error.s(ctx))
+
+    header = [guarded(mount_partition.si(ctx, n)) for n in ctx["mount_targets"]]
+    finish = guarded(detach.s(ctx))
+    if header:
+        flow = chain(chord(header, guarded(inspect_vm.s(ctx))), finish)
+    else:
+        flow = chain(guarded(inspect_vm.si([], ctx)), finish)
     return pin(flow, host)
 
 
@@ -123,7 +128,7 @@ def mount_partition(self: VMStep, ctx: dict[str, Any], number: int) -> dict[str,
     rt = runtime()
     job_id = ctx["job_id"]
     token = f"{job_id}:{number}"
-    with rt.mount_slots.hold(token, timeout_s=MOUNT_WAIT_S):
+    with rt.mount_slots.hold(token, timeout_s=rt.settings.mount_wait_s):
         started = time.time()
         g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
         try:
@@ -151,13 +156,19 @@ def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], ctx: dict[str, Any]) 
     g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
     try:
         roots = find_roots(g, parts, filesystems, results)
+        attach = {
+            "image": g.image.to_dict(),
+            "backend": g.backend_name,
+            "attach_attempts": g.attach_attempts,
+            "readonly": g.readonly,
+        }
     finally:
         g.forget()
     self.progress(job_id=job_id, step="inspected", roots=len(roots))
     return {
         "job_id": job_id,
         "host": rt.host_id,
-        "image": ctx["image"],
+        **attach,
         "partitions": ctx["partitions"],
         "filesystems": ctx["filesystems"],
         "mounts": {str(n): r.to_dict() for n, r in sorted(results.items())},
@@ -189,13 +200,25 @@ def detach(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[st
     return report
 
 
-@app.task(name="vmcraft.vm.detach_on_error", bind=True, base=VMStep)
+def _describe(exc: BaseException) -> str:
+    """The exception's own message; Celery may hand errbacks a rebuilt exception whose
+    str() is a repr."""
+    # An exception Celery could not serialise arrives wrapped; unwrap its name and args.
+    name = getattr(exc, "exc_cls_name", None) or type(exc).__name__
+    args = getattr(exc, "exc_args", None) or exc.args
+    message = args[0] if args and isinstance(args[0], str) else str(exc)
+    return f"{name}: {message}"
+
+
+# Not bound: Celery passes (request, exc, traceback) only to unbound errback tasks,
+# and runs them right away in the worker process where the step failed.
+@app.task(name="vmcraft.vm.detach_on_error", base=VMStep)
 def detach_on_error(
-    self: VMStep, request: Any, exc: BaseException, traceback: Any, ctx: dict[str, Any]
+    request: Any, exc: BaseException, traceback: Any, ctx: dict[str, Any]
 ) -> dict[str, Any]:
     """Errback: the VM failed in some step; it still ends detached, with the reason."""
     rt = runtime()
-    reason = f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {exc}"
+    reason = f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {_describe(exc)}"
     _release(ctx)
     rt.jobs.fail(ctx["job_id"], reason)
     return {"job_id": ctx["job_id"], "ok": False, "error": reason}

@@ -1,0 +1,39 @@
+"""An infrastructure failure inside the workflow still ends the VM detached, with a reason."""
+
+from __future__ import annotations
+
+import os
+
+from scheduler.submit import FleetClient
+from vmcraft_tasks.config import FleetSettings
+from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
+from worker import keys
+from worker.leases import SlotLeases
+from worker.semaphore import RedisSemaphore
+
+
+def test_mount_step_that_cannot_get_a_place_fails_the_vm_and_detaches(
+    fleet_factory, overlay, linux_gpt_raw
+):
+    fleet = fleet_factory(["h1"], vmcraft_max_mounts="1", vmcraft_mount_wait_s="1")
+    env = fleet.env()
+    client = FleetClient(
+        FleetSettings(
+            broker_url=env["VMCRAFT_BROKER_URL"],
+            result_backend=env["VMCRAFT_RESULT_BACKEND"],
+            cache_url=env["VMCRAFT_CACHE_URL"],
+        )
+    )
+    state = fleet.state
+    blocker = RedisSemaphore(state, keys.semaphore_key("h1", "mounts"), 1, 300)
+    assert blocker.try_acquire("test-blocker")
+    try:
+        record = client.wait(client.submit_inspect(overlay(linux_gpt_raw.path)), timeout_s=60)
+    finally:
+        blocker.release("test-blocker")
+        client.close()
+    assert record.status == "failed"
+    assert "vmcraft.vm.mount_partition failed on host h1" in record.error
+    assert "LimitReached: vmcraft:v1:host:{h1}:sem:mounts: all 1 places taken" in record.error
+    assert attach_state_dirs(os.path.join(fleet.work_root, "h1")) == []
+    assert SlotLeases(state, "h1", 4, 5).held() == {}
