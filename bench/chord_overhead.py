@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from scheduler.submit import FleetClient
-from tests.fleet.harness import Fleet
-from tests.redisserver import redis_server
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.cache import InProcessTTLCache
 from vmcraft_tasks.craft.inspect_disk import private_mountpoint
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.embedded.fleet import Fleet
+from vmcraft_tasks.embedded.redis import redis_server
 from vmcraft_tasks.samples import imagebuild
 
 WORKERS = 2
@@ -67,7 +67,7 @@ def main(runs: int = 5) -> None:
     with redis_server() as server, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fleet = Fleet(
-            redis=server,
+            server=server,
             work_root=root / "work",
             log_dir=root,
             overrides={"VMCRAFT_MAX_MOUNTS": str(WORKERS), "VMCRAFT_MAX_ATTACHED": "1"},

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import leaks
-from tests.redisserver import RedisServer, redis_server
+from vmcraft_tasks.embedded.redis import RedisServer, redis_server
 
 pytest_plugins = ["tests.conftest_images"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.harness import Fleet
-from tests.redisserver import redis_server
+from vmcraft_tasks.embedded.fleet import Fleet
+from vmcraft_tasks.embedded.redis import redis_server
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def fleet_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         servers.append(server_cm)
         root = tmp_path_factory.mktemp("fleet")
         fleet = Fleet(
-            redis=server,
+            server=server,
             work_root=root / "work",
             log_dir=root,
             overrides={k.upper(): v for k, v in overrides.items()},

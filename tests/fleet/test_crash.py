@@ -7,10 +7,10 @@ import time
 
 from scheduler.submit import FleetClient
 from tests import leaks
-from tests.fleet.harness import _kill_group
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.nbd.helpers import AttachResources, process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
+from vmcraft_tasks.embedded.fleet import kill_group
 from worker import keys
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
@@ -44,7 +44,7 @@ def test_kill_9_mid_vm_then_restart_leaves_nothing_and_fails_the_vm(
         assert process_alive(res.qemu_nbd_pid) and res.loop_devices
 
         killed = fleet.kill9("h1")
-        _kill_group(killed.pid)  # the dead worker's orphaned pool processes
+        kill_group(killed.pid)  # the dead worker's orphaned pool processes
         # The disk outlived the worker: helpers run in their own session.
         assert process_alive(res.qemu_nbd_pid)
 

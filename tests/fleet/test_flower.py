@@ -10,9 +10,9 @@ import urllib.error
 import urllib.request
 
 from scheduler.submit import FleetClient
-from tests.fleet.harness import _kill_group
-from tests.redisserver import free_port
 from vmcraft_tasks.config import FleetSettings
+from vmcraft_tasks.embedded.fleet import kill_group
+from vmcraft_tasks.embedded.redis import free_port
 
 
 def get_json(url: str):
@@ -110,4 +110,4 @@ def test_flower_shows_workers_and_a_finished_task(fleet_factory, overlay, linux_
             flower.wait(timeout=10)
         except subprocess.TimeoutExpired:
             flower.kill()
-        _kill_group(flower.pid)
+        kill_group(flower.pid)

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from tests.redisserver import free_port
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.cache import KIND_BLKID, KIND_PARTITIONS, cache_key
 from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.embedded.redis import free_port
 from vmcraft_tasks.rediscache import CacheUnavailableError, RedisScanCache
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Real `celery -A vmcraft_tasks worker` processes acting as conversion hosts.
+"""Real `celery -A vmcraft_tasks worker` processes acting as conversion hosts on one machine.
 
 Each worker starts in its own process group (created here), so a test can stop
 or kill exactly the processes it started, by id.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redisserver import RedisServer
+from vmcraft_tasks.embedded.redis import RedisServer
 from worker.registry import list_hosts
 
 
@@ -36,7 +36,7 @@ class HostProcess:
 
 @dataclass
 class Fleet:
-    redis: RedisServer
+    server: RedisServer
     work_root: Path
     log_dir: Path
     overrides: dict[str, str] = field(default_factory=dict)
@@ -46,9 +46,9 @@ class Fleet:
         env = dict(os.environ)
         env.update(
             {
-                "VMCRAFT_BROKER_URL": self.redis.url(0),
-                "VMCRAFT_RESULT_BACKEND": self.redis.url(1),
-                "VMCRAFT_CACHE_URL": self.redis.url(2),
+                "VMCRAFT_BROKER_URL": self.server.url(0),
+                "VMCRAFT_RESULT_BACKEND": self.server.url(1),
+                "VMCRAFT_CACHE_URL": self.server.url(2),
                 "VMCRAFT_WORK_DIR": str(self.work_root),
                 "VMCRAFT_HEARTBEAT_S": "1",
                 "VMCRAFT_LEASE_TTL_S": "5",
@@ -61,7 +61,7 @@ class Fleet:
 
     @property
     def state(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url(0))
+        return redis.Redis.from_url(self.server.url(0))
 
     def start(self, host: str, concurrency: int = 2) -> HostProcess:
         log = self.log_dir / f"{host}-{len(list(self.log_dir.glob(host + '*')))}.log"
@@ -121,7 +121,7 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait(timeout=10)
-        _kill_group(worker.pid)
+        kill_group(worker.pid)
 
     def kill9(self, host: str) -> HostProcess:
         """kill -9 the worker's main process only, as a crash would."""
@@ -142,7 +142,7 @@ def _info_pids(client: redis.Redis, host: str) -> tuple[int, ...]:
     return ()
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     """The worker's pool children share its process group, which this harness created."""
     try:
         os.killpg(pgid, signal.SIGKILL)
