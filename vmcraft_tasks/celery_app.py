@@ -9,7 +9,7 @@ from celery import Celery
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.queues import INTAKE_QUEUE, declared_queues
 
-TASK_MODULES = ["vmcraft_tasks.tasks.vm"]
+TASK_MODULES = ["vmcraft_tasks.tasks.vm", "vmcraft_tasks.tasks.migrate"]
 
 
 def celery_config(settings: FleetSettings) -> dict[str, Any]:

@@ -19,10 +19,12 @@ JOB_PREFIX = "vmcraft:v1:job:"
 JOB_TTL_S = 14 * 24 * 3600
 
 QUEUED = "queued"
+CONVERTING = "converting"
 ATTACHING = "attaching"
 SCANNING = "scanning"
 MOUNTING = "mounting"
 INSPECTING = "inspecting"
+FIXING = "fixing"
 DETACHING = "detaching"
 DONE = "done"
 FAILED = "failed"

@@ -9,15 +9,21 @@ semantics, which is exactly the escape we are preventing.
 
 Opening then walks the resolved components again with `dir_fd` and `O_NOFOLLOW`, so a
 directory swapped for a symlink between resolution and open fails instead of escaping.
+
+Writes resolve the PARENT the same way and then act on the final name relative to the
+opened parent directory (`*at` system calls): a symlink at the final component is
+replaced or removed itself, never followed, so a guest link to `/etc/passwd` cannot
+make us write the host's file.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from vmcraft_tasks.craft.errors import GuestPathError
 
@@ -29,6 +35,12 @@ DEFAULT_READ_CAP = 16 * 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK so a FIFO planted by the guest cannot hang the open.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# O_EXCL together with O_NOFOLLOW: the temporary name must be new, never a planted link.
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+DEFAULT_FILE_MODE = 0o644
+DEFAULT_DIR_MODE = 0o755
+# Hidden and recognisable, so a temporary left by a crash is easy to spot in the guest.
+_TEMP_PREFIX = ".vmcraft-tmp."
 
 
 def _components(path: str) -> list[str]:
@@ -143,7 +155,10 @@ def _open_parts(root: str, parts: list[str], final_flags: int) -> int:
 
 
 class GuestFS:
-    """Read-only access to a guest tree mounted at `root`, confined to it.
+    """Access to a guest tree mounted at `root`, confined to it.
+
+    Reads follow guest symlinks (re-rooted inside the guest); the write helpers
+    (`write_file`, `remove`, `makedirs`) never follow a symlink at the final component.
 
     `case_insensitive` matches components ignoring case when no exact match exists,
     which is how Windows paths must be looked up on an NTFS mount.
@@ -239,6 +254,185 @@ class GuestFS:
             if exc.errno == errno.EINVAL:
                 raise GuestPathError(path, "not a symbolic link") from exc
             raise GuestPathError(path, f"cannot read link: {exc.strerror or exc}") from exc
+
+    # -- writes -------------------------------------------------------------------
+
+    @contextmanager
+    def _parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """An open fd of the resolved parent directory of `path`, and the final name.
+
+        The parent follows guest symlinks (inside the guest); the final name is left
+        for the caller to act on relative to the fd, so it is never followed.
+        """
+        if "\0" in path:
+            raise GuestPathError(path, "contains a NUL byte")
+        names = _components(path)
+        if not names or names[-1] == "..":
+            raise GuestPathError(path, "does not name an entry of a directory")
+        parts = self._parts("/" + "/".join(names[:-1]))
+        try:
+            fd = _open_parts(self.root, parts, _DIR_FLAGS)
+        except OSError as exc:
+            raise GuestPathError(
+                path, f"cannot open the parent directory: {exc.strerror or exc}"
+            ) from exc
+        try:
+            name = names[-1]
+            if self.case_insensitive and _lstat_at(fd, name) is None:
+                name = _find_casefold_at(fd, name) or name
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def lstat(self, path: str) -> os.stat_result:
+        """Status of `path` itself: a final symlink is described, not followed."""
+        with self._parent(path) as (fd, name):
+            try:
+                return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                raise GuestPathError(path, f"cannot stat: {exc.strerror or exc}") from exc
+
+    def is_symlink(self, path: str) -> bool:
+        """True if `path` itself is a symlink (dangling or not)."""
+        try:
+            return stat.S_ISLNK(self.lstat(path).st_mode)
+        except GuestPathError:
+            return False
+
+    def write_file(self, path: str, data: bytes, *, mode: int | None = None) -> None:
+        """Atomically make `path` a regular file holding `data`.
+
+        The data goes to a temporary file in the same guest directory, which is then
+        renamed over `path`, so a crash leaves the old file or the new one, never half
+        of one. A symlink at `path` is replaced by the file, never followed.
+
+        Replacing a regular file keeps its permission bits, owner and extended
+        attributes (SELinux labels, ACLs; best effort: the host may refuse some) unless
+        `mode` is given; a new file gets `mode` or DEFAULT_FILE_MODE. Network configs
+        such as NetworkManager keyfiles must stay 0600, hence the default of keeping.
+        """
+        with self._parent(path) as (dir_fd, name):
+            old = _lstat_at(dir_fd, name)
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                raise GuestPathError(path, "is a directory")
+            if old is not None and not (stat.S_ISREG(old.st_mode) or stat.S_ISLNK(old.st_mode)):
+                raise GuestPathError(path, "exists and is not a regular file or a symlink")
+            keep = old if old is not None and stat.S_ISREG(old.st_mode) else None
+            if mode is None:
+                mode = stat.S_IMODE(keep.st_mode) if keep is not None else DEFAULT_FILE_MODE
+            temp = _TEMP_PREFIX + secrets.token_hex(8)
+            try:
+                fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                raise GuestPathError(path, f"cannot create: {exc.strerror or exc}") from exc
+            try:
+                try:
+                    _write_all(fd, data)
+                    if keep is not None:
+                        _copy_owner_and_xattrs(dir_fd, name, keep, fd)
+                    # After chown, which clears set-id bits; explicit, so umask has no say.
+                    os.fchmod(fd, mode & 0o7777)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                with suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise GuestPathError(path, f"cannot write: {exc.strerror or exc}") from exc
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise
+            # The rename is only durable once the directory itself is on disk.
+            with suppress(OSError):
+                os.fsync(dir_fd)
+
+    def remove(self, path: str) -> None:
+        """Remove the file or symlink `path`; a symlink's target is never touched."""
+        with self._parent(path) as (dir_fd, name):
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise GuestPathError(path, f"cannot remove: {exc.strerror or exc}") from exc
+
+    def makedirs(self, path: str, *, mode: int = DEFAULT_DIR_MODE) -> None:
+        """Create `path` and any missing parents inside the guest, like `mkdir -p`.
+
+        Existing components may be guest symlinks to directories (followed inside the
+        guest); a dangling symlink or a file in the way is an error.
+        """
+        if "\0" in path:
+            raise GuestPathError(path, "contains a NUL byte")
+        done: list[str] = []
+        for name in _components(path):
+            if name != "..":
+                with self._parent("/" + "/".join([*done, name])) as (dir_fd, entry):
+                    if _lstat_at(dir_fd, entry) is None:
+                        self._mkdir_at(path, dir_fd, entry, mode)
+            done.append(name)
+            # Resolving the prefix checks it is (or links to) a directory in the guest.
+            here = "/" + "/".join(done)
+            if not self.is_dir(here):
+                raise GuestPathError(path, f"not a directory: {here}")
+
+    @staticmethod
+    def _mkdir_at(path: str, dir_fd: int, name: str, mode: int) -> None:
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            raise GuestPathError(path, f"cannot create directory: {exc.strerror or exc}") from exc
+        try:
+            os.fchmod(fd, mode & 0o7777)  # exact, whatever the umask
+        finally:
+            os.close(fd)
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _find_casefold_at(dir_fd: int, name: str) -> str | None:
+    try:
+        entries = sorted(os.listdir(dir_fd))
+    except OSError:
+        return None
+    wanted = name.casefold()
+    return next((entry for entry in entries if entry.casefold() == wanted), None)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _copy_owner_and_xattrs(dir_fd: int, name: str, old: os.stat_result, new_fd: int) -> None:
+    """Give the new inode the owner and extended attributes of the file it replaces."""
+    st = os.fstat(new_fd)
+    if (st.st_uid, st.st_gid) != (old.st_uid, old.st_gid):
+        os.fchown(new_fd, old.st_uid, old.st_gid)
+    try:
+        old_fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        if os.fstat(old_fd).st_ino != old.st_ino:
+            return  # swapped since we looked: not the file we are replacing
+        for attr in os.listxattr(old_fd):
+            # Best effort: a host with its own SELinux policy may reject a guest label,
+            # and a filesystem may not support an attribute at all.
+            with suppress(OSError):
+                os.setxattr(new_fd, attr, os.getxattr(old_fd, attr))
+    except OSError:
+        pass
+    finally:
+        os.close(old_fd)
 
 
 def _read_up_to(fd: int, limit: int) -> bytes:

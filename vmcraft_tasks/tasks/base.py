@@ -20,9 +20,19 @@ class VMStep(Task):  # type: ignore[misc]
     # would only repeat them. Host-full retries are explicit in `attach`.
     max_retries = 0
 
+    # Steps that must run even for a cancelled VM: they are how it ends cleanly.
+    runs_when_cancelled = False
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         outcome = "failed"
+        if not self.runs_when_cancelled and self._cancelled(args):
+            outcome = "cancelled"
+            self._record(args, outcome)
+            from vmcraft_tasks.tasks.vm import release_cancelled
+
+            release_cancelled(_context(args))
+            raise Ignore()
         try:
             result = super().__call__(*args, **kwargs)
             outcome = "done"
@@ -40,6 +50,18 @@ class VMStep(Task):  # type: ignore[misc]
             log.info("%s %s in %.1f ms", self.name, outcome, _ms(started))
             self._record(args, outcome)
 
+    def _cancelled(self, args: tuple[Any, ...]) -> bool:
+        job_id = _job_id(args)
+        if not job_id or self.request.called_directly:
+            return False
+        from vmcraft_tasks.jobs import CANCELLED
+        from worker.runtime import runtime
+
+        try:
+            return runtime().jobs.get(job_id).status == CANCELLED
+        except KeyError:
+            return False
+
     def _record(self, args: tuple[Any, ...], outcome: str) -> None:
         job_id = _job_id(args)
         if job_id and not self.request.called_directly:
@@ -54,12 +76,19 @@ class VMStep(Task):  # type: ignore[misc]
             self.update_state(state="PROGRESS", meta=meta)
 
 
-def _job_id(args: tuple[Any, ...]) -> str | None:
-    """Steps take the VM's job context (a dict with `job_id`) among their arguments."""
+def _context(args: tuple[Any, ...]) -> dict[str, Any]:
+    """Steps take the VM's job context (a dict with `job_id`) among their arguments;
+    the last such dict is the context (a report before it may also name the job)."""
+    found: dict[str, Any] = {}
     for arg in args:
         if isinstance(arg, dict) and isinstance(arg.get("job_id"), str):
-            return str(arg["job_id"])
-    return None
+            found = arg
+    return found
+
+
+def _job_id(args: tuple[Any, ...]) -> str | None:
+    job_id = _context(args).get("job_id")
+    return str(job_id) if job_id else None
 
 
 def _ms(started: float) -> float:

@@ -43,8 +43,10 @@ def attach(self: VMStep, job: dict[str, Any]) -> Any:
     """Take a slot on this host, attach the disk, and hand the VM to this host's queue."""
     rt = runtime()
     job_id = job["job_id"]
+    migrating = "plan" in job  # a converted copy we own, in our output directory
     try:
-        image = validate_image_path(job["image"], rt.settings.image_roots)
+        roots = () if migrating else rt.settings.image_roots
+        image = validate_image_path(job["image"], roots)
     except ValueError as exc:
         rt.jobs.fail(job_id, str(exc))
         return {"job_id": job_id, "ok": False, "error": str(exc)}
@@ -55,11 +57,14 @@ def attach(self: VMStep, job: dict[str, Any]) -> Any:
         rt.leases.release(job_id)
         return {"job_id": job_id, "ok": False, "error": "job already ended"}
     rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, attached_at=time.time())
+    readonly = bool(job.get("readonly", True))
     try:
-        g = VMCraft(image, settings=rt.craft_settings, cache=rt.cache).launch()
+        g = VMCraft(image, readonly=readonly, settings=rt.craft_settings, cache=rt.cache).launch()
     except VMCraftError as exc:
         rt.leases.release(job_id)
         rt.jobs.fail(job_id, str(exc))
+        if migrating:
+            vm_finished(job)
         return {"job_id": job_id, "ok": False, "error": str(exc)}
     state_dir = g.disk.state_dir
     write_job_marker(state_dir, job_id, rt.host_id, rt.worker_pid)
@@ -113,12 +118,15 @@ def vm_tail(ctx: dict[str, Any]) -> Any:
         return sig.on_error(detach_on_error.s(ctx))
 
     header = [guarded(mount_partition.si(ctx, n)) for n in ctx["mount_targets"]]
-    finish = guarded(detach.s(ctx))
-    if header:
-        flow = chain(chord(header, guarded(inspect_vm.s(ctx))), finish)
+    body = guarded(inspect_vm.s(ctx)) if header else guarded(inspect_vm.si([], ctx))
+    steps: list[Any] = [chord(header, body) if header else body]
+    if "plan" in ctx:
+        from vmcraft_tasks.tasks.migrate import finalize, fix
+
+        steps += [guarded(fix.s(ctx)), guarded(detach.s(ctx)), guarded(finalize.s(ctx))]
     else:
-        flow = chain(guarded(inspect_vm.si([], ctx)), finish)
-    return pin(flow, host)
+        steps.append(guarded(detach.s(ctx)))
+    return pin(chain(*steps), host)
 
 
 @app.task(name="vmcraft.vm.mount_partition", bind=True, base=VMStep)
@@ -176,13 +184,28 @@ def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], ctx: dict[str, Any]) 
     }
 
 
+def release_cancelled(ctx: dict[str, Any]) -> None:
+    """A step found its VM cancelled: release what it holds here and end it."""
+    _release(ctx)
+    if "plan" in ctx:
+        vm_finished(ctx)
+
+
+def vm_finished(ctx: dict[str, Any]) -> None:
+    """A batch VM ended (any outcome): write its report, let the batch move on."""
+    from vmcraft_tasks.tasks.migrate import end_batch_vm
+
+    end_batch_vm(ctx)
+
+
 def _release(ctx: dict[str, Any]) -> None:
     """Detach the disk (if still attached here) and give the slot back."""
     rt = runtime()
     state_dir = ctx.get("state_dir")
     if state_dir and os.path.isdir(state_dir):
         VMCraft.resume(state_dir, settings=rt.craft_settings, cache=rt.cache).shutdown()
-    rt.leases.release(ctx["job_id"])
+    if not rt.leases.release(ctx["job_id"]):
+        return  # released before (an errback after a cancel, say): record the VM once
     record = rt.jobs.get(ctx["job_id"])
     attached_at = record.progress.get("attached_at")
     if isinstance(attached_at, float):
@@ -196,7 +219,8 @@ def detach(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[st
     rt = runtime()
     rt.jobs.transition(ctx["job_id"], jobs.DETACHING)
     _release(ctx)
-    rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
+    if "plan" not in ctx:  # a migration ends in `finalize`, which writes its reports
+        rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
     return report
 
 
@@ -212,7 +236,7 @@ def _describe(exc: BaseException) -> str:
 
 # Not bound: Celery passes (request, exc, traceback) only to unbound errback tasks,
 # and runs them right away in the worker process where the step failed.
-@app.task(name="vmcraft.vm.detach_on_error", base=VMStep)
+@app.task(name="vmcraft.vm.detach_on_error", base=VMStep, runs_when_cancelled=True)
 def detach_on_error(
     request: Any, exc: BaseException, traceback: Any, ctx: dict[str, Any]
 ) -> dict[str, Any]:
@@ -221,4 +245,6 @@ def detach_on_error(
     reason = f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {_describe(exc)}"
     _release(ctx)
     rt.jobs.fail(ctx["job_id"], reason)
+    if "plan" in ctx:
+        vm_finished(ctx)
     return {"job_id": ctx["job_id"], "ok": False, "error": reason}

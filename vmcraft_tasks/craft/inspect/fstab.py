@@ -100,6 +100,17 @@ class FstabEntry:
         data["options"] = list(self.options)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FstabEntry:
+        return cls(
+            spec=data["spec"],
+            mountpoint=data["mountpoint"],
+            fstype=data["fstype"],
+            options=tuple(data["options"]),
+            freq=int(data["freq"]),
+            passno=int(data["passno"]),
+        )
+
 
 @dataclass(frozen=True)
 class SpecResolution:
@@ -129,6 +140,17 @@ class ResolvedFstabEntry:
             "how": self.how,
             "reason": self.reason,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResolvedFstabEntry:
+        """The inverse of the flat `to_dict()` (reports travel between hosts as JSON)."""
+        return cls(
+            entry=FstabEntry.from_dict(data),
+            kind=data["kind"],
+            resolved_partition=data["resolved_partition"],
+            how=data["how"],
+            reason=data.get("reason"),
+        )
 
 
 def _decode(pattern: re.Pattern[bytes], base: int, text: str) -> str:

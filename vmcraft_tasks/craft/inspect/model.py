@@ -46,3 +46,10 @@ class OSInfo:
             "fstab": [entry.to_dict() for entry in self.fstab],
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OSInfo:
+        fields = dict(data)
+        fields["fstab"] = tuple(ResolvedFstabEntry.from_dict(e) for e in data.get("fstab", []))
+        fields["notes"] = tuple(data.get("notes", []))
+        return cls(**fields)

@@ -1,0 +1,41 @@
+# One image for every vmcraft-tasks service: the worker, Flower and the scheduler.
+# Debian 12, like the conversion hosts scripts/setup.sh prepares.
+FROM python:3.11-slim-bookworm
+
+# The tools VMCraft runs: the APT_PACKAGES of scripts/setup.sh, without redis-server
+# (Redis runs in its own containers) and libvirt-clients (nothing in these services
+# calls virsh; the domain XML is written as a file).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        qemu-utils \
+        libnbd-bin \
+        fdisk \
+        parted \
+        util-linux \
+        e2fsprogs \
+        xfsprogs \
+        btrfs-progs \
+        ntfs-3g \
+        dosfstools \
+        mtools \
+        fusefat \
+        fuse3 \
+        libhivex-bin \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/vmcraft-tasks
+# README.md is the package's long description: the build needs it.
+COPY pyproject.toml README.md ./
+COPY vmcraft_tasks ./vmcraft_tasks
+COPY worker ./worker
+COPY scheduler ./scheduler
+RUN pip install .
+
+# Root on purpose: attaching disks (qemu-nbd, loop devices, FUSE) and mounting guest
+# filesystems need it. Only the worker also needs `privileged` (see docker-compose.yml).
+CMD ["celery", "-A", "vmcraft_tasks", "worker", "-l", "info"]

@@ -1,0 +1,195 @@
+"""Batches end to end: real workers, real Redis, real images converted, fixed and reported."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from scheduler.batch import batch_status, cancel_batch, resume_batch, submit_batch
+from scheduler.submit import FleetClient
+from scheduler.watch import watch_batch
+from vmcraft_tasks.config import FleetSettings
+from vmcraft_tasks.craft import commands
+from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.samples.imagebuild import sha256_file
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet_factory):
+    return fleet_factory(["h1", "h2"], concurrency=2)
+
+
+@pytest.fixture
+def client(fleet):
+    env = fleet.env()
+    c = FleetClient(
+        FleetSettings(
+            broker_url=env["VMCRAFT_BROKER_URL"],
+            result_backend=env["VMCRAFT_RESULT_BACKEND"],
+            cache_url=env["VMCRAFT_CACHE_URL"],
+        )
+    )
+    yield c
+    c.close()
+
+
+def write_manifest(directory, data) -> str:
+    path = os.path.join(directory, "batch.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(data, fh)
+    return path
+
+
+def wait_finished(client, batch, timeout_s=180):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = batch_status(client, batch)
+        if status.finished:
+            return status
+        assert time.monotonic() < deadline, status.to_dict()
+        time.sleep(0.2)
+
+
+def test_mixed_batch_converts_fixes_reports_and_keeps_sources(
+    client,
+    tmp_path,
+    linux_gpt_vmdk,
+    dirty_ext4_raw,
+    dirty_xfs_raw,
+    windows_ntfs_raw,
+    mbr_logical_raw,
+    corrupt_vmdk,
+):
+    sources = {
+        "web01": linux_gpt_vmdk.path,
+        "dirty02": dirty_ext4_raw.path,
+        "xfs03": dirty_xfs_raw.path,
+        "win04": windows_ntfs_raw.path,
+        "db05": mbr_logical_raw.path,
+        "bad06": corrupt_vmdk,
+        "gone07": str(tmp_path / "nowhere" / "gone07.vmdk"),
+    }
+    sums = {vm: sha256_file(p) for vm, p in sources.items() if os.path.exists(p)}
+    manifest = write_manifest(
+        tmp_path,
+        {
+            "batch": "mixed",
+            "vms": [{"id": vm, "disks": [path]} for vm, path in sources.items()],
+        },
+    )
+    batch = submit_batch(client, manifest)
+    status = wait_finished(client, batch)
+    states = {vm.vm_id: (vm.status, vm.error) for vm in status.vms}
+    assert {vm for vm, (s, _) in states.items() if s == "done"} == {
+        "web01",
+        "dirty02",
+        "xfs03",
+        "win04",
+        "db05",
+    }, states
+    assert states["bad06"][0] == "failed" and "not a readable disk image" in states["bad06"][1]
+    assert states["gone07"][0] == "failed" and "no such file" in states["gone07"][1]
+
+    # Sources are byte-identical.
+    assert {vm: sha256_file(p) for vm, p in sources.items() if vm in sums} == sums
+
+    out = tmp_path / "mixed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["by_status"] == {"done": 5, "failed": 2}
+    assert "| web01 |" in (out / "summary.md").read_text()
+
+    # The converted Debian disk was fixed: fstab names no /dev/sdX, the report says how.
+    report = json.loads((out / "web01.json").read_text())
+    fstab_fixes = [f for f in report["fixes"] if "fstab" in (f["name"] + str(f["target"]))]
+    assert fstab_fixes and all(f["applied"] for f in fstab_fixes)
+    target = report["disks"][0]["target"]
+    assert target.endswith(".qcow2") and os.path.exists(target)
+    with VMCraft(target) as g:
+        (root,) = g.inspect_os()
+        fstab = g.guest(root).cat("/etc/fstab")
+    assert "/dev/sda" not in fstab
+    assert f"UUID={linux_gpt_vmdk.notes['fs_uuids'][3]}" in fstab
+
+    # Domain XML for every VM that finished, valid against libvirt's schema.
+    for vm in ("web01", "dirty02", "xfs03", "win04", "db05"):
+        xml = out / f"{vm}.xml"
+        commands.run(["virt-xml-validate", str(xml), "domain"], timeout=60)
+    assert (
+        "<loader" in (out / "web01.xml").read_text()
+        or 'firmware="efi"' in (out / "web01.xml").read_text()
+    )
+    # The Windows guest gets no Linux fixes, and the report says why.
+    win = json.loads((out / "win04.json").read_text())
+    assert win["fixes"] == [] and win["os"][0]["type"] == "windows"
+
+
+def test_priority_orders_vms_and_the_batch_limit_holds(client, tmp_path, linux_gpt_raw, fleet):
+    vms = [
+        {"id": f"vm{i}", "disks": [linux_gpt_raw.path], "options": {"priority": p, "fixes": False}}
+        for i, p in enumerate([1, 5, 3])
+    ]
+    manifest = write_manifest(
+        tmp_path, {"batch": "ordered", "limits": {"max_parallel": 1}, "vms": vms}
+    )
+    batch = submit_batch(client, manifest)
+    status = wait_finished(client, batch)
+    assert {vm.status for vm in status.vms} == {"done"}
+    started = {
+        vm.vm_id: client.jobs.get(f"ordered.{vm.vm_id}").timestamps["converting"]
+        for vm in status.vms
+    }
+    assert sorted(started, key=started.get) == ["vm1", "vm2", "vm0"]
+    ended = {
+        vm.vm_id: client.jobs.get(f"ordered.{vm.vm_id}").timestamps["done"] for vm in status.vms
+    }
+    # max_parallel 1: each VM started after the previous one finished.
+    order = sorted(started, key=started.get)
+    for earlier, later in itertools.pairwise(order):
+        assert started[later] >= ended[earlier]
+
+
+def test_cancel_then_resume_runs_only_what_did_not_finish(client, tmp_path, twenty_parts_raw):
+    vms = [
+        {"id": f"c{i}", "disks": [twenty_parts_raw.path], "options": {"fixes": False}}
+        for i in range(4)
+    ]
+    manifest = write_manifest(
+        tmp_path, {"batch": "cancelme", "limits": {"max_parallel": 1}, "vms": vms}
+    )
+    batch = submit_batch(client, manifest)
+    deadline = time.monotonic() + 60
+    while batch_status(client, batch).counts.get("done", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelled = cancel_batch(client, batch)
+    status = wait_finished(client, batch)
+    done_before = {vm.vm_id for vm in status.vms if vm.status == "done"}
+    assert set(cancelled) and set(cancelled).isdisjoint(done_before)
+    assert {vm.status for vm in status.vms} <= {"done", "cancelled"}
+
+    again = resume_batch(client, batch)
+    assert set(again) == {vm.vm_id for vm in status.vms if vm.status != "done"}
+    final = wait_finished(client, batch)
+    assert {vm.status for vm in final.vms} == {"done"}
+    # Finished VMs were not run again.
+    for vm_id in done_before:
+        steps = client.jobs.steps(f"cancelme.{vm_id}")
+        assert [s["task"] for s in steps].count("vmcraft.vm.convert") == 1
+
+
+def test_watch_ends_with_the_batch(client, tmp_path, mbr_logical_raw, capsys):
+    manifest = write_manifest(
+        tmp_path, {"batch": "watched", "vms": [{"id": "w1", "disks": [mbr_logical_raw.path]}]}
+    )
+    batch = submit_batch(client, manifest)
+    out = io.StringIO()
+    status = watch_batch(client, batch, out=out, interval_s=0.1, timeout_s=120)
+    assert status.finished
+    text = out.getvalue()
+    assert "batch watched [" in text and "100.0%" in text

@@ -1,0 +1,482 @@
+"""Per-distro fixers on fake guest trees: what changes, dry runs, and guest symlinks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes.distros import (
+    AlmaFixer,
+    CentosFixer,
+    DebianFixer,
+    FedoraFixer,
+    Fixer,
+    GenericLinuxFixer,
+    RhelFixer,
+    RockyFixer,
+    SuseFixer,
+    UbuntuFixer,
+    apply_fixes,
+    fixer_for,
+    no_fixer_reason,
+)
+from vmcraft_tasks.craft.fixes.initramfs import REGENERATE_NOTE
+from vmcraft_tasks.craft.fixes.model import FixReport
+from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+
+ROOT = "0b3c6a5e-8f1d-4a4e-9a53-3d2b1f0e9c11"
+BOOT = "5d1a2b3c-aaaa-bbbb-cccc-000000000002"
+SWAP = "11111111-2222-3333-4444-555555555555"
+FILESYSTEMS = [
+    Filesystem(1, "ext4", uuid=ROOT),
+    Filesystem(2, "ext4", uuid=BOOT),
+    Filesystem(5, "swap", uuid=SWAP),
+]
+PARTITIONS = [Partition(n, 2048 * n, 2048, 512, "83", "dos", extended=n == 3) for n in (1, 2, 3, 5)]
+
+
+def _linux(distro: str | None, root_partition: int = 1) -> OSInfo:
+    return OSInfo(root_partition=root_partition, type="linux", distro=distro)
+
+
+def _write(root: Path, path: str, text: str, mode: int | None = None) -> Path:
+    target = root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    if mode is not None:
+        target.chmod(mode)
+    return target
+
+
+def _link(root: Path, path: str, target: str) -> None:
+    link = root / path.lstrip("/")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under `root`: type, mode, mtime and content or link target."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                content: Any = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                content = Path(path).read_bytes()
+            else:
+                content = None
+            found[os.path.relpath(path, root)] = (st.st_mode, st.st_mtime_ns, content)
+    found["."] = (os.lstat(root).st_mode, os.lstat(root).st_mtime_ns, None)
+    return found
+
+
+def _changed(report: FixReport) -> list[tuple[str, str]]:
+    return [(r.name, r.path) for r in report.applied if r.changed]
+
+
+DEBIAN_FSTAB = (
+    "# <file system> <mount point> <type> <options> <dump> <pass>\n"
+    "/dev/sda1 /               ext4    errors=remount-ro 0       1\n"
+    f"UUID={BOOT} /boot ext4 defaults 0 2\n"
+    "/dev/sda5       none            swap    sw              0       0\n"
+    "/dev/sdb1 /data ext4 defaults 0 2\n"
+    "/dev/sr0        /media/cdrom0   udf,iso9660 user,noauto     0       0\n"
+)
+DEBIAN_INTERFACES = (
+    "source /etc/network/interfaces.d/*\n\n"
+    "auto lo\niface lo inet loopback\n\n"
+    "allow-hotplug ens192\niface ens192 inet dhcp\n"
+    "    hwaddress ether 00:50:56:aa:bb:cc\n"
+)
+DEBIAN_NETPLAN = (
+    "network:\n  version: 2\n  ethernets:\n    ens192:\n"
+    "      match:\n        macaddress: 00:50:56:aa:bb:cc\n"
+    "      set-name: ens192\n      dhcp4: true\n"
+)
+
+
+@pytest.fixture
+def debian(tmp_path: Path) -> Path:
+    root = tmp_path / "debian"
+    _write(root, "/etc/fstab", DEBIAN_FSTAB)
+    _write(root, "/etc/network/interfaces", DEBIAN_INTERFACES)
+    _write(
+        root,
+        "/etc/network/interfaces.d/eth1",
+        "iface eth1 inet manual\n  hwaddress 00:50:56:01:02:03\n",
+    )
+    _write(root, "/etc/netplan/50-cloud-init.yaml", DEBIAN_NETPLAN, mode=0o600)
+    _write(root, "/etc/initramfs-tools/modules", "# modules\nvirtio_blk\n")
+    _write(
+        root,
+        "/etc/udev/rules.d/70-persistent-net.rules",
+        'SUBSYSTEM=="net", ATTR{address}=="00:50:56:aa:bb:cc", NAME="eth0"\n',
+    )
+    unit_dir = "/lib/systemd/system"
+    for unit in ("open-vm-tools.service", "vgauth.service", "ssh.service"):
+        _write(root, f"{unit_dir}/{unit}", f"[Unit]\nDescription={unit}\n")
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    _link(root, f"{wants}/open-vm-tools.service", f"{unit_dir}/open-vm-tools.service")
+    _link(root, f"{wants}/ssh.service", f"{unit_dir}/ssh.service")
+    _link(
+        root,
+        "/etc/systemd/system/open-vm-tools.service.requires/vgauth.service",
+        f"{unit_dir}/vgauth.service",
+    )
+    _write(root, "/etc/init.d/vmware-tools", "#!/bin/sh\n")
+    _link(root, "/etc/rc2.d/S01vmware-tools", "../init.d/vmware-tools")
+    _link(root, "/etc/rc0.d/K01vmware-tools", "../init.d/vmware-tools")
+    return root
+
+
+def test_debian_tree_is_fixed(debian: Path) -> None:
+    report = apply_fixes(
+        GuestFS(str(debian)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+    assert report.fixer == "debian" and not report.dry_run and report.failed == ()
+
+    fstab = (debian / "etc/fstab").read_text().splitlines()
+    assert fstab[1] == f"UUID={ROOT} /               ext4    errors=remount-ro 0       1"
+    assert fstab[3] == f"UUID={SWAP}       none            swap    sw              0       0"
+    assert fstab[0] == DEBIAN_FSTAB.splitlines()[0]
+    assert fstab[4] == "/dev/sdb1 /data ext4 defaults 0 2"  # another disk: left ...
+    assert [s.reason for s in report.skipped] == [  # ... and reported
+        "/dev/sdb1 /data ext4 defaults 0 2: /dev/sdb1 is on another disk of the guest "
+        "(/ is on /dev/sda)"
+    ]
+
+    assert "hwaddress" not in (debian / "etc/network/interfaces").read_text()
+    assert "hwaddress" not in (debian / "etc/network/interfaces.d/eth1").read_text()
+    netplan = debian / "etc/netplan/50-cloud-init.yaml"
+    assert yaml.safe_load(netplan.read_text())["network"]["ethernets"] == {
+        "ens192": {"dhcp4": True}
+    }
+    assert stat.S_IMODE(netplan.stat().st_mode) == 0o600
+    assert "ATTR{address}" not in (debian / "etc/udev/rules.d/70-persistent-net.rules").read_text()
+    assert (debian / "etc/initramfs-tools/modules").read_text() == (
+        "# modules\nvirtio_blk\nvirtio_scsi\nvirtio_net\nvirtio_pci\n"
+    )
+
+    wants = debian / "etc/systemd/system/multi-user.target.wants"
+    assert sorted(os.listdir(wants)) == ["ssh.service"]
+    assert os.listdir(debian / "etc/systemd/system/open-vm-tools.service.requires") == []
+    assert (debian / "lib/systemd/system/open-vm-tools.service").is_file()  # unit kept
+    assert not os.path.lexists(debian / "etc/rc2.d/S01vmware-tools")
+    assert os.path.islink(debian / "etc/rc0.d/K01vmware-tools")
+    assert (debian / "etc/init.d/vmware-tools").is_file()
+
+    removed = {r.path: r.before for r in report.applied if r.name == "vmware-tools"}
+    assert removed == {
+        "/etc/systemd/system/multi-user.target.wants/open-vm-tools.service": (
+            "/lib/systemd/system/open-vm-tools.service"
+        ),
+        "/etc/systemd/system/open-vm-tools.service.requires/vgauth.service": (
+            "/lib/systemd/system/vgauth.service"
+        ),
+        "/etc/rc2.d/S01vmware-tools": "../init.d/vmware-tools",
+    }
+    assert REGENERATE_NOTE in report.notes
+    assert any("MAC-address pinning" in note for note in report.notes)
+    assert not any("dracut" in name for name, _ in _changed(report))
+    json.dumps(report.to_dict())  # the report travels as JSON
+
+
+def test_debian_fixes_are_idempotent(debian: Path) -> None:
+    fs = GuestFS(str(debian))
+    apply_fixes(fs, _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False)
+    again = apply_fixes(fs, _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False)
+    assert _changed(again) == []
+    assert REGENERATE_NOTE not in again.notes
+
+
+def test_dry_run_writes_nothing_and_reports_the_same(debian: Path) -> None:
+    before = _snapshot(debian)
+    dry = apply_fixes(GuestFS(str(debian)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=True)
+    assert _snapshot(debian) == before
+    assert dry.dry_run and "dry run: nothing was written" in dry.notes
+    real = apply_fixes(
+        GuestFS(str(debian)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+    assert _changed(dry) == _changed(real)
+    assert [r.after for r in dry.applied] == [r.after for r in real.applied]
+    assert len(_changed(dry)) == 9
+
+
+IFCFG = "DEVICE=eth0\nHWADDR=00:50:56:AA:BB:CC\nBOOTPROTO=dhcp\nONBOOT=yes\n"
+KEYFILE = (
+    "[connection]\nid=ens192\nuuid=3c2f9c1e-0000-4000-8000-000000000001\ntype=ethernet\n\n"
+    "[ethernet]\nmac-address=00:50:56:AA:BB:CC\n\n[ipv4]\nmethod=auto\n"
+)
+
+
+@pytest.fixture
+def rocky(tmp_path: Path) -> Path:
+    root = tmp_path / "rocky"
+    _write(
+        root,
+        "/etc/fstab",
+        f"UUID={ROOT} / xfs defaults 0 0\n/dev/sda2 /boot ext4 defaults 1 2\n"
+        "/dev/sda5 swap swap defaults 0 0\n",
+    )
+    _write(root, "/etc/sysconfig/network-scripts/ifcfg-eth0", IFCFG)
+    _write(root, "/etc/sysconfig/network-scripts/ifcfg-lo", "DEVICE=lo\nIPADDR=127.0.0.1\n")
+    _write(root, "/etc/NetworkManager/system-connections/ens192.nmconnection", KEYFILE, mode=0o600)
+    (root / "etc/dracut.conf.d").mkdir(parents=True)
+    _write(root, "/etc/selinux/config", "SELINUX=enforcing\nSELINUXTYPE=targeted\n")
+    _write(root, "/usr/lib/systemd/system/vmtoolsd.service", "[Unit]\n")
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    _link(root, f"{wants}/vmtoolsd.service", "/usr/lib/systemd/system/vmtoolsd.service")
+    _link(root, f"{wants}/vgauthd.service", "/usr/lib/systemd/system/vgauthd.service")
+    return root
+
+
+ROCKY_FS = [Filesystem(1, "xfs", uuid=ROOT), *FILESYSTEMS[1:]]
+DRACUT_CONF = "etc/dracut.conf.d/90-vmcraft-virtio.conf"
+
+
+def test_rocky_tree_is_fixed(rocky: Path) -> None:
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    assert report.fixer == "rocky" and report.skipped == () and report.failed == ()
+    assert (rocky / "etc/fstab").read_text() == (
+        f"UUID={ROOT} / xfs defaults 0 0\nUUID={BOOT} /boot ext4 defaults 1 2\n"
+        f"UUID={SWAP} swap swap defaults 0 0\n"
+    )
+    ifcfg = rocky / "etc/sysconfig/network-scripts/ifcfg-eth0"
+    assert ifcfg.read_text() == "DEVICE=eth0\nBOOTPROTO=dhcp\nONBOOT=yes\n"
+    keyfile = rocky / "etc/NetworkManager/system-connections/ens192.nmconnection"
+    assert "mac-address" not in keyfile.read_text()
+    # NetworkManager ignores keyfiles readable by others: the mode must survive.
+    assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+    assert (
+        (rocky / DRACUT_CONF)
+        .read_text()
+        .endswith('add_drivers+=" virtio_blk virtio_scsi virtio_net virtio_pci virtio_console "\n')
+    )
+    assert os.listdir(rocky / "etc/systemd/system/multi-user.target.wants") == []
+    created = [r for r in report.applied if r.before is None]
+    assert [r.path for r in created] == ["/" + DRACUT_CONF]
+    assert REGENERATE_NOTE in report.notes
+    assert any(n.startswith("SELinux is enforcing") and DRACUT_CONF in n for n in report.notes)
+
+
+def test_rocky_dry_run_creates_nothing(rocky: Path) -> None:
+    before = _snapshot(rocky)
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=True)
+    assert _snapshot(rocky) == before
+    assert not (rocky / DRACUT_CONF).exists()
+    assert ("dracut-virtio", "/" + DRACUT_CONF) in _changed(report)
+
+
+def test_dracut_conf_dir_is_created_when_dracut_is_installed(rocky: Path) -> None:
+    (rocky / "etc/dracut.conf.d").rmdir()
+    _write(rocky, "/etc/dracut.conf", "")
+    apply_fixes(GuestFS(str(rocky)), _linux("rhel"), ROCKY_FS, PARTITIONS, dry_run=False)
+    assert (rocky / DRACUT_CONF).is_file()
+
+
+def test_no_initramfs_generator_is_reported(rocky: Path) -> None:
+    (rocky / "etc/dracut.conf.d").rmdir()
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        ("virtio-initramfs", "no initramfs generator found (looked for dracut)")
+    ]
+
+
+# -- guest symlinks must never reach the host --------------------------------------
+
+
+def _host_state(path: str) -> tuple[bytes, int, int]:
+    st = os.stat(path)
+    return hashlib.sha256(Path(path).read_bytes()).digest(), st.st_mtime_ns, st.st_ino
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../../../../../../../etc/passwd"])
+def test_fstab_symlink_is_edited_inside_the_guest(tmp_path: Path, target: str) -> None:
+    root = tmp_path / "guest"
+    guest_passwd = _write(root, "/etc/passwd", "/dev/sda1 / ext4 defaults 0 1\n")
+    _link(root, "/etc/fstab", target)
+    host_passwd = _host_state("/etc/passwd")
+    siblings = sorted(os.listdir(tmp_path))
+
+    report = apply_fixes(
+        GuestFS(str(root)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+
+    assert _host_state("/etc/passwd") == host_passwd
+    assert guest_passwd.read_text() == f"UUID={ROOT} / ext4 defaults 0 1\n"
+    assert os.readlink(root / "etc/fstab") == target  # the link itself is kept
+    record = next(r for r in report.applied if r.name == "fstab")
+    assert record.path == "/etc/fstab" and record.changed
+    assert record.note == "/etc/fstab resolves to /etc/passwd in the guest: edited that"
+    assert sorted(os.listdir(tmp_path)) == siblings  # nothing appeared next to the guest
+
+
+def test_symlink_to_a_host_only_file_is_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "guest"
+    (root / "etc").mkdir(parents=True)
+    host_fstab = _write(tmp_path, "/host-fstab", "/dev/sda1 / ext4 defaults 0 1\n")
+    _link(root, "/etc/fstab", str(host_fstab))
+    host_udev = _write(tmp_path, "/host-rules", 'ATTR{address}=="x", NAME="eth0"\n')
+    _link(root, "/etc/udev/rules.d/70-persistent-net.rules", str(host_udev))
+    before = _snapshot(tmp_path)
+
+    report = apply_fixes(
+        GuestFS(str(root)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+
+    assert _snapshot(tmp_path) == before
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "does not resolve inside the guest" in reasons["/etc/fstab"]
+    assert (
+        "does not resolve inside the guest" in reasons["/etc/udev/rules.d/70-persistent-net.rules"]
+    )
+
+
+def test_wants_link_to_host_path_is_removed_target_untouched(tmp_path: Path) -> None:
+    root = tmp_path / "guest"
+    _write(root, "/etc/fstab", "")
+    host_unit = _write(tmp_path, "/host-unit.service", "[Unit]\n")
+    _link(root, "/etc/systemd/system/multi-user.target.wants/vmtoolsd.service", str(host_unit))
+    # The wants directory itself reached through a guest symlink (absolute: re-rooted).
+    _link(
+        root,
+        "/etc/systemd/system/graphical.target.wants",
+        "/etc/systemd/system/multi-user.target.wants",
+    )
+
+    report = apply_fixes(
+        GuestFS(str(root)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+
+    assert host_unit.read_text() == "[Unit]\n"
+    assert os.listdir(root / "etc/systemd/system/multi-user.target.wants") == []
+    assert [r.path for r in report.applied if r.name == "vmware-tools"] == [
+        "/etc/systemd/system/multi-user.target.wants/vmtoolsd.service"
+    ]
+    assert report.failed == ()
+
+
+def test_two_names_for_one_file_are_edited_once(rocky: Path) -> None:
+    scripts = rocky / "etc/sysconfig/network-scripts"
+    (scripts / "ifcfg-alias").symlink_to("ifcfg-eth0")
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=True)
+    ifcfg = [r for r in report.applied if r.name == "ifcfg" and r.changed]
+    assert len(ifcfg) == 1
+    assert ifcfg[0].note == (
+        "/etc/sysconfig/network-scripts/ifcfg-alias resolves to "
+        "/etc/sysconfig/network-scripts/ifcfg-eth0 in the guest: edited that"
+    )
+
+
+def test_missing_fstab_is_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "guest"
+    (root / "etc").mkdir(parents=True)
+    report = apply_fixes(GuestFS(str(root)), _linux(None), FILESYSTEMS, PARTITIONS, dry_run=False)
+    assert ("fstab", "/etc/fstab", "not present") in [
+        (s.name, s.path, s.reason) for s in report.skipped
+    ]
+    assert report.fixer == "linux"
+    assert "distribution unknown: generic Linux fixes only" in report.notes
+
+
+def test_write_failure_is_reported_and_other_fixes_continue(
+    debian: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = GuestFS(str(debian))
+    real_write = fs.write_file
+
+    def refuse_fstab(path: str, data: bytes, *, mode: int | None = None) -> None:
+        if path == "/etc/fstab":
+            raise GuestPathError(path, "cannot write: Read-only file system")
+        real_write(path, data, mode=mode)
+
+    monkeypatch.setattr(fs, "write_file", refuse_fstab)
+    report = apply_fixes(fs, _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False)
+    assert [(f.name, f.path) for f in report.failed] == [("fstab", "/etc/fstab")]
+    assert (debian / "etc/fstab").read_text() == DEBIAN_FSTAB
+    assert "hwaddress" not in (debian / "etc/network/interfaces").read_text()
+
+
+def test_invalid_netplan_is_skipped(debian: Path) -> None:
+    _write(debian, "/etc/netplan/99-broken.yaml", "network: [\n")
+    report = apply_fixes(
+        GuestFS(str(debian)), _linux("ubuntu"), FILESYSTEMS, PARTITIONS, dry_run=False
+    )
+    broken = [s for s in report.skipped if s.name == "netplan"]
+    assert [s.path for s in broken] == ["/etc/netplan/99-broken.yaml"]
+    assert report.fixer == "ubuntu"
+
+
+def test_non_utf8_bytes_survive_an_edit(tmp_path: Path) -> None:
+    root = tmp_path / "guest"
+    fstab = root / "etc" / "fstab"
+    fstab.parent.mkdir(parents=True)
+    fstab.write_bytes(b"# caf\xe9 latin-1 comment\n/dev/sda1 / ext4 defaults 0 1\n")
+    apply_fixes(GuestFS(str(root)), _linux("debian"), FILESYSTEMS, PARTITIONS, dry_run=False)
+    assert (
+        fstab.read_bytes()
+        == f"# caf\xe9 latin-1 comment\nUUID={ROOT} / ext4 defaults 0 1\n".encode("latin-1")
+    )
+
+
+# -- choosing the fixer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("distro", "cls"),
+    [
+        ("debian", DebianFixer),
+        ("kalilinux", DebianFixer),
+        ("ubuntu", UbuntuFixer),
+        ("linuxmint", UbuntuFixer),
+        ("rhel", RhelFixer),
+        ("oraclelinux", RhelFixer),
+        ("centos", CentosFixer),
+        ("rocky", RockyFixer),
+        ("almalinux", AlmaFixer),
+        ("fedora", FedoraFixer),
+        ("sles", SuseFixer),
+        ("opensuse", SuseFixer),
+        ("archlinux", GenericLinuxFixer),
+        (None, GenericLinuxFixer),
+    ],
+)
+def test_fixer_for_linux(distro: str | None, cls: type[Fixer]) -> None:
+    fixer = fixer_for(_linux(distro))
+    assert type(fixer) is cls
+    assert no_fixer_reason(_linux(distro)) is None
+
+
+def test_families_share_steps_by_inheritance() -> None:
+    assert isinstance(RockyFixer(), RhelFixer) and isinstance(UbuntuFixer(), DebianFixer)
+    names = [step.__name__ for step in RockyFixer().steps()]
+    assert names[:3] == ["fix_fstab", "fix_udev_net_rules", "disable_vmware_tools"]
+    assert "fix_ifcfg" in names and "fix_netplan" not in names
+    assert "fix_netplan" in [step.__name__ for step in UbuntuFixer().steps()]
+    assert SuseFixer.initramfs_generators == ("dracut",)
+
+
+@pytest.mark.parametrize("os_type", ["windows", "unknown"])
+def test_no_fixer_for_windows_or_unknown(tmp_path: Path, os_type: str) -> None:
+    info = OSInfo(root_partition=2, type="windows" if os_type == "windows" else "unknown")
+    assert fixer_for(info) is None
+    reason = no_fixer_reason(info)
+    assert reason is not None
+    (tmp_path / "guest").mkdir()
+    report = apply_fixes(GuestFS(str(tmp_path / "guest")), info, [], [], dry_run=False)
+    assert report.fixer is None and report.applied == () and report.notes == (reason,)
+    if os_type == "windows":
+        assert "Windows" in reason

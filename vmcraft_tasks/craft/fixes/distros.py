@@ -1,0 +1,514 @@
+"""Per-OS offline fixers for a converted guest, and `apply_fixes` to run them.
+
+Like cloud-init's distro classes: a family is a class, a distribution inherits from
+its family, and the guest paths a fix touches are class attributes a subclass can
+override. Each fix step reads a guest file through GuestFS, runs a pure rewriter from
+this package and writes the result back atomically, so the guest can never redirect a
+write to the host. A dry run does all of that except the writes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes.fstab import rewrite_fstab
+from vmcraft_tasks.craft.fixes.initramfs import (
+    REGENERATE_NOTE,
+    ensure_initramfs_modules,
+    render_dracut_virtio_conf,
+)
+from vmcraft_tasks.craft.fixes.model import Change, FixRecord, FixReport, FixSkip, RewriteError
+from vmcraft_tasks.craft.fixes.network import (
+    rewrite_ifcfg,
+    rewrite_ifupdown,
+    rewrite_netplan,
+    rewrite_nm_keyfile,
+    rewrite_udev_net_rules,
+)
+from vmcraft_tasks.craft.fixes.services import (
+    is_enablement_dir,
+    is_vmware_sysv_link,
+    is_vmware_unit_link,
+)
+from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.inspect.linux import TEXT_FILE_CAP
+from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+
+Rewriter = Callable[[str], tuple[str, list[Change]]]
+
+NETWORK_FIXES = frozenset({"ifcfg", "ifupdown", "netplan", "nm-keyfile", "udev-net-rules"})
+NETWORK_NOTE = (
+    "MAC-address pinning was removed: on KVM the NIC may also get a new name "
+    "(e.g. enp1s0 instead of ens192); configs that name the interface must match it"
+)
+_SELINUX_MODE = re.compile(r"^\s*SELINUX\s*=\s*(enforcing|permissive)\s*$", re.MULTILINE)
+
+
+@dataclass
+class FixContext:
+    """The state of one `apply_fixes` run that the steps share and add to."""
+
+    fs: GuestFS
+    os_info: OSInfo
+    filesystems: Sequence[Filesystem]
+    partitions: Sequence[Partition]
+    dry_run: bool
+    applied: list[FixRecord] = field(default_factory=list)
+    skipped: list[FixSkip] = field(default_factory=list)
+    failed: list[FixSkip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # guest paths of new files
+    # Guest targets already handled: two links to one file must not edit it twice.
+    done: set[str] = field(default_factory=set)
+
+    def skip(self, name: str, path: str, reason: str) -> None:
+        self.skipped.append(FixSkip(name, path, reason))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def _target(self, name: str, path: str, *, required: bool) -> str | None:
+        """The guest path of the regular file `path` stands for, symlinks resolved in
+        the guest; None (with a skip when that matters) if there is none."""
+        fs = self.fs
+        if fs.exists(path):
+            target = fs.realpath(path)
+            if fs.is_file(target):
+                return target
+            self.skip(name, path, "not a regular file")
+            return None
+        if fs.is_symlink(path):
+            link = fs.readlink(path)
+            self.skip(name, path, f"symlink to {link}, which does not resolve inside the guest")
+        elif required:
+            self.skip(name, path, "not present")
+        return None
+
+    def _commit(
+        self,
+        name: str,
+        path: str,
+        *,
+        target: str,
+        before: str | None,
+        after: str,
+        changes: list[Change],
+    ) -> FixRecord | None:
+        changed = after != before
+        note = None if target == path else f"{path} resolves to {target} in the guest: edited that"
+        if changed and not self.dry_run:
+            try:
+                if before is None:
+                    self.fs.makedirs(target.rsplit("/", 1)[0] or "/")
+                self.fs.write_file(target, after.encode("utf-8", errors="surrogateescape"))
+            except GuestPathError as exc:
+                self.failed.append(FixSkip(name, path, exc.reason))
+                return None
+        if changed and before is None:
+            self.created.append(target)
+        record = FixRecord(name, path, before, after, changed, note, tuple(changes))
+        self.applied.append(record)
+        return record
+
+    def _rewrite(
+        self, name: str, path: str, rewrite: Rewriter, text: str
+    ) -> tuple[str, list[Change]] | None:
+        try:
+            return rewrite(text)
+        except RewriteError as exc:
+            self.skip(name, path, exc.reason)
+            return None
+
+    def edit_text(
+        self,
+        name: str,
+        path: str,
+        rewrite: Rewriter,
+        *,
+        required: bool = False,
+        create: bool = False,
+    ) -> FixRecord | None:
+        """Rewrite the guest text file `path` with `rewrite` (a symlink: its guest target).
+
+        An absent file is skipped silently unless `required`, or, with `create`, made
+        from `rewrite("")` (missing parent directories included). Bytes that are not
+        UTF-8 pass through unchanged (surrogateescape), so untouched lines stay
+        byte-exact.
+        """
+        fs = self.fs
+        if create and not fs.exists(path) and not fs.is_symlink(path):
+            if path in self.done:
+                return None
+            self.done.add(path)
+            result = self._rewrite(name, path, rewrite, "")
+            if result is None:
+                return None
+            return self._commit(
+                name, path, target=path, before=None, after=result[0], changes=result[1]
+            )
+        target = self._target(name, path, required=required)
+        if target is None or target in self.done:
+            return None
+        self.done.add(target)
+        try:
+            text = fs.read_file(target, max_size=TEXT_FILE_CAP).decode(
+                "utf-8", errors="surrogateescape"
+            )
+        except GuestPathError as exc:
+            self.skip(name, path, f"cannot read: {exc.reason}")
+            return None
+        result = self._rewrite(name, path, rewrite, text)
+        if result is None:
+            return None
+        return self._commit(
+            name, path, target=target, before=text, after=result[0], changes=result[1]
+        )
+
+    def ensure_text(self, name: str, path: str, content: str) -> FixRecord | None:
+        """Make the guest file `path` hold exactly `content` (created if missing)."""
+        return self.edit_text(name, path, lambda _old: (content, []), required=True, create=True)
+
+    def remove_link(self, name: str, path: str, reason: str) -> FixRecord | None:
+        """Remove the guest symlink `path` itself (its target is never touched)."""
+        target = self.fs.readlink(path)
+        if not self.dry_run:
+            try:
+                self.fs.remove(path)
+            except GuestPathError as exc:
+                self.failed.append(FixSkip(name, path, exc.reason))
+                return None
+        record = FixRecord(name, path, target, None, True, reason)
+        self.applied.append(record)
+        return record
+
+
+FixStep = Callable[[FixContext], None]
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory.rstrip('/')}/{name}"
+
+
+class Fixer:
+    """Fixes every Linux guest needs; families add their own steps and paths."""
+
+    name: ClassVar[str] = "linux"
+    distros: ClassVar[frozenset[str]] = frozenset()  # libguestfs distro names
+
+    fstab_path: ClassVar[str] = "/etc/fstab"
+    udev_net_rules_path: ClassVar[str] = "/etc/udev/rules.d/70-persistent-net.rules"
+    systemd_system_dir: ClassVar[str] = "/etc/systemd/system"
+    sysv_rc_dirs: ClassVar[tuple[str, ...]] = tuple(f"/etc/rc{level}.d" for level in "0123456S")
+    nm_connections_dir: ClassVar[str] = "/etc/NetworkManager/system-connections"
+    ifcfg_dir: ClassVar[str] = "/etc/sysconfig/network-scripts"
+    interfaces_path: ClassVar[str] = "/etc/network/interfaces"
+    interfaces_dir: ClassVar[str] = "/etc/network/interfaces.d"
+    netplan_dir: ClassVar[str] = "/etc/netplan"
+    dracut_conf_dir: ClassVar[str] = "/etc/dracut.conf.d"
+    dracut_virtio_conf: ClassVar[str] = "90-vmcraft-virtio.conf"
+    # Any of these means dracut is the guest's initramfs generator (or can be).
+    dracut_markers: ClassVar[tuple[str, ...]] = (
+        "/etc/dracut.conf",
+        "/etc/dracut.conf.d",
+        "/usr/lib/dracut",
+    )
+    initramfs_tools_dir: ClassVar[str] = "/etc/initramfs-tools"
+    initramfs_generators: ClassVar[tuple[str, ...]] = ("dracut", "initramfs-tools")
+
+    def steps(self) -> list[FixStep]:
+        """The fix steps, in order; subclasses extend the list."""
+        return [self.fix_fstab, self.fix_udev_net_rules, self.disable_vmware_tools]
+
+    # -- storage ------------------------------------------------------------------
+
+    def fix_fstab(self, ctx: FixContext) -> None:
+        unresolved = []
+
+        def rewrite(text: str) -> tuple[str, list[Change]]:
+            new_text, changes, left = rewrite_fstab(
+                text,
+                ctx.filesystems,
+                ctx.partitions,
+                root_partition=ctx.os_info.root_partition,
+            )
+            unresolved.extend(left)
+            return new_text, changes
+
+        ctx.edit_text("fstab", self.fstab_path, rewrite, required=True)
+        for entry in unresolved:
+            ctx.skip("fstab", self.fstab_path, f"{entry.line.strip()}: {entry.reason}")
+
+    def add_virtio_drivers(self, ctx: FixContext) -> None:
+        found = False
+        for generator in self.initramfs_generators:
+            if generator == "dracut" and any(ctx.fs.exists(p) for p in self.dracut_markers):
+                found = True
+                path = _join(self.dracut_conf_dir, self.dracut_virtio_conf)
+                record = ctx.ensure_text("dracut-virtio", path, render_dracut_virtio_conf())
+            elif generator == "initramfs-tools" and ctx.fs.is_dir(self.initramfs_tools_dir):
+                found = True
+                path = _join(self.initramfs_tools_dir, "modules")
+                record = ctx.edit_text(
+                    "initramfs-tools-virtio", path, ensure_initramfs_modules, create=True
+                )
+            else:
+                continue
+            if record is not None and record.changed:
+                ctx.note(REGENERATE_NOTE)
+        if not found:
+            looked = ", ".join(self.initramfs_generators)
+            ctx.skip("virtio-initramfs", "/", f"no initramfs generator found (looked for {looked})")
+
+    # -- network ------------------------------------------------------------------
+
+    def _edit_dir(
+        self,
+        ctx: FixContext,
+        name: str,
+        directory: str,
+        wanted: Callable[[str], bool],
+        rewrite: Rewriter,
+    ) -> None:
+        if not ctx.fs.is_dir(directory):
+            return
+        for entry in ctx.fs.ls(directory):
+            if wanted(entry):
+                self._network_edit(ctx, name, _join(directory, entry), rewrite)
+
+    @staticmethod
+    def _network_edit(ctx: FixContext, name: str, path: str, rewrite: Rewriter) -> None:
+        record = ctx.edit_text(name, path, rewrite)
+        if record is not None and record.changed:
+            ctx.note(NETWORK_NOTE)
+
+    def fix_udev_net_rules(self, ctx: FixContext) -> None:
+        self._network_edit(ctx, "udev-net-rules", self.udev_net_rules_path, rewrite_udev_net_rules)
+
+    def fix_ifcfg(self, ctx: FixContext) -> None:
+        self._edit_dir(
+            ctx, "ifcfg", self.ifcfg_dir, lambda entry: entry.startswith("ifcfg-"), rewrite_ifcfg
+        )
+
+    def fix_ifupdown(self, ctx: FixContext) -> None:
+        self._network_edit(ctx, "ifupdown", self.interfaces_path, rewrite_ifupdown)
+        # ifupdown's default interfaces file sources every file of interfaces.d.
+        self._edit_dir(
+            ctx,
+            "ifupdown",
+            self.interfaces_dir,
+            lambda entry: not entry.startswith("."),
+            rewrite_ifupdown,
+        )
+
+    def fix_netplan(self, ctx: FixContext) -> None:
+        # netplan reads only *.yaml.
+        self._edit_dir(
+            ctx, "netplan", self.netplan_dir, lambda entry: entry.endswith(".yaml"), rewrite_netplan
+        )
+
+    def fix_nm_keyfiles(self, ctx: FixContext) -> None:
+        self._edit_dir(
+            ctx,
+            "nm-keyfile",
+            self.nm_connections_dir,
+            lambda entry: entry.endswith(".nmconnection"),
+            rewrite_nm_keyfile,
+        )
+
+    # -- services -----------------------------------------------------------------
+
+    def _links_in(self, ctx: FixContext, directory: str, seen: set[str]) -> list[str]:
+        """Entries of a guest directory (once per real directory) that are symlinks."""
+        if not ctx.fs.is_dir(directory):
+            return []
+        real = ctx.fs.realpath(directory)
+        if real in seen:
+            return []
+        seen.add(real)
+        paths = [_join(real, entry) for entry in ctx.fs.ls(real)]
+        return [path for path in paths if ctx.fs.is_symlink(path)]
+
+    def disable_vmware_tools(self, ctx: FixContext) -> None:
+        seen: set[str] = set()
+        units = self.systemd_system_dir
+        if ctx.fs.is_dir(units):
+            for entry in ctx.fs.ls(units):
+                if not is_enablement_dir(entry):
+                    continue
+                for link in self._links_in(ctx, _join(units, entry), seen):
+                    if is_vmware_unit_link(link.rsplit("/", 1)[1]):
+                        ctx.remove_link("vmware-tools", link, "enables a VMware tools service")
+        for directory in self.sysv_rc_dirs:
+            for link in self._links_in(ctx, directory, seen):
+                if is_vmware_sysv_link(link.rsplit("/", 1)[1]):
+                    ctx.remove_link("vmware-tools", link, "starts the VMware tools init script")
+
+
+class DebianFixer(Fixer):
+    name = "debian"
+    distros = frozenset({"debian", "kalilinux"})
+    # initramfs-tools is Debian's default; newer releases may use dracut instead.
+    initramfs_generators = ("initramfs-tools", "dracut")
+
+    def steps(self) -> list[FixStep]:
+        return [
+            *super().steps(),
+            self.fix_ifupdown,
+            self.fix_netplan,
+            self.fix_nm_keyfiles,
+            self.add_virtio_drivers,
+        ]
+
+
+class UbuntuFixer(DebianFixer):
+    name = "ubuntu"
+    distros = frozenset({"ubuntu", "linuxmint"})
+
+
+class RhelFixer(Fixer):
+    name = "rhel"
+    distros = frozenset({"rhel", "oraclelinux", "scientificlinux", "redhat-based"})
+    # Before systemd, RHEL kept the runlevel links under /etc/rc.d.
+    sysv_rc_dirs = (
+        *Fixer.sysv_rc_dirs,
+        *(f"/etc/rc.d/rc{level}.d" for level in "0123456"),
+    )
+    initramfs_generators = ("dracut",)
+
+    def steps(self) -> list[FixStep]:
+        return [*super().steps(), self.fix_ifcfg, self.fix_nm_keyfiles, self.add_virtio_drivers]
+
+
+class CentosFixer(RhelFixer):
+    name = "centos"
+    distros = frozenset({"centos"})
+
+
+class RockyFixer(RhelFixer):
+    name = "rocky"
+    distros = frozenset({"rocky"})
+
+
+class AlmaFixer(RhelFixer):
+    name = "almalinux"
+    distros = frozenset({"almalinux"})
+
+
+class FedoraFixer(RhelFixer):
+    name = "fedora"
+    distros = frozenset({"fedora"})
+
+
+class SuseFixer(Fixer):
+    name = "suse"
+    distros = frozenset({"sles", "opensuse", "suse-based"})
+    initramfs_generators = ("dracut",)
+
+    def steps(self) -> list[FixStep]:
+        # SUSE's own ifcfg files (/etc/sysconfig/network) do not pin by HWADDR.
+        return [*super().steps(), self.fix_nm_keyfiles, self.add_virtio_drivers]
+
+
+class GenericLinuxFixer(Fixer):
+    """An unrecognised distribution: every fix, each acting only where its files exist."""
+
+    name = "linux"
+
+    def steps(self) -> list[FixStep]:
+        return [
+            *super().steps(),
+            self.fix_ifcfg,
+            self.fix_ifupdown,
+            self.fix_netplan,
+            self.fix_nm_keyfiles,
+            self.add_virtio_drivers,
+        ]
+
+
+_FIXERS: tuple[type[Fixer], ...] = (
+    DebianFixer,
+    UbuntuFixer,
+    RhelFixer,
+    CentosFixer,
+    RockyFixer,
+    AlmaFixer,
+    FedoraFixer,
+    SuseFixer,
+)
+
+
+def no_fixer_reason(os_info: OSInfo) -> str | None:
+    """Why `fixer_for` returns None for this OS; None when there is a fixer."""
+    if os_info.type == "windows":
+        return "Windows guests get no offline fixes here (virtio drivers need driver injection)"
+    if os_info.type != "linux":
+        return "the operating system was not recognised"
+    return None
+
+
+def fixer_for(os_info: OSInfo) -> Fixer | None:
+    """The fixer for a detected OS: per distro, generic for other Linux, None otherwise."""
+    if no_fixer_reason(os_info) is not None:
+        return None
+    for cls in _FIXERS:
+        if os_info.distro in cls.distros:
+            return cls()
+    return GenericLinuxFixer()
+
+
+def _selinux_note(ctx: FixContext) -> None:
+    if not ctx.created or not ctx.fs.is_file("/etc/selinux/config"):
+        return
+    try:
+        config = ctx.fs.cat("/etc/selinux/config", max_size=TEXT_FILE_CAP)
+    except GuestPathError:
+        return
+    if match := _SELINUX_MODE.search(config):
+        created = ", ".join(ctx.created)
+        ctx.note(
+            f"SELinux is {match.group(1)} in the guest and new files ({created}) have no "
+            "label: relabel on first boot (touch /.autorelabel) or run restorecon"
+        )
+
+
+def apply_fixes(
+    fs: GuestFS,
+    os_info: OSInfo,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    *,
+    dry_run: bool,
+) -> FixReport:
+    """Run the fixer for `os_info` on the guest root `fs`; dry_run writes nothing."""
+    fixer = fixer_for(os_info)
+    if fixer is None:
+        reason = no_fixer_reason(os_info) or "no fixer for this operating system"
+        return FixReport(None, dry_run, notes=(reason,))
+    ctx = FixContext(fs, os_info, filesystems, partitions, dry_run=dry_run)
+    if isinstance(fixer, GenericLinuxFixer):
+        ctx.note(f"distribution {os_info.distro or 'unknown'}: generic Linux fixes only")
+    for step in fixer.steps():
+        try:
+            step(ctx)
+        except GuestPathError as exc:
+            # One odd guest path must not stop the other fixes; say which step hit it.
+            name = getattr(step, "__name__", "fix")
+            ctx.failed.append(FixSkip(name, exc.path, exc.reason))
+    _selinux_note(ctx)
+    if dry_run:
+        ctx.note("dry run: nothing was written")
+    return FixReport(
+        fixer=fixer.name,
+        dry_run=dry_run,
+        applied=tuple(ctx.applied),
+        skipped=tuple(ctx.skipped),
+        failed=tuple(ctx.failed),
+        notes=tuple(ctx.notes),
+    )

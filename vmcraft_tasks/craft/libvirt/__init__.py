@@ -1,0 +1,51 @@
+"""libvirt domain XML for converted VMs, in the manner of virt-manager's virtinst.
+
+Three separate steps: describe the VM (`DomainSpec` with `DiskSpec`s and `NetSpec`s),
+let the inspected guest decide firmware, buses and clock
+(`defaults_from_guest(os_info, has_esp).apply(spec)`), then `render_domain(spec)`;
+`validate_domain_xml` checks the result against libvirt's schema.
+"""
+
+from __future__ import annotations
+
+from vmcraft_tasks.craft.libvirt.defaults import (
+    WINDOWS_VIRTIO_NOTE,
+    GuestDefaults,
+    defaults_from_guest,
+)
+from vmcraft_tasks.craft.libvirt.domain import domain_element, domain_uuid, render_domain
+from vmcraft_tasks.craft.libvirt.errors import DomainSpecError, DomainXMLError
+from vmcraft_tasks.craft.libvirt.osinfo import LIBOSINFO_NS, OsinfoId, osinfo_for
+from vmcraft_tasks.craft.libvirt.spec import (
+    ClockOffset,
+    DiskBus,
+    DiskFormat,
+    DiskSpec,
+    DomainSpec,
+    NetSpec,
+    VideoModel,
+)
+from vmcraft_tasks.craft.libvirt.validate import validate_domain_file, validate_domain_xml
+
+__all__ = [
+    "LIBOSINFO_NS",
+    "WINDOWS_VIRTIO_NOTE",
+    "ClockOffset",
+    "DiskBus",
+    "DiskFormat",
+    "DiskSpec",
+    "DomainSpec",
+    "DomainSpecError",
+    "DomainXMLError",
+    "GuestDefaults",
+    "NetSpec",
+    "OsinfoId",
+    "VideoModel",
+    "defaults_from_guest",
+    "domain_element",
+    "domain_uuid",
+    "osinfo_for",
+    "render_domain",
+    "validate_domain_file",
+    "validate_domain_xml",
+]

@@ -1,0 +1,182 @@
+"""The migration steps around inspection: start, convert, fix, finalize.
+
+start (intake, or the pinned host) -> convert each disk -> attach the converted
+boot disk (write mode unless dry run) -> scan -> chord(mount) -> inspect -> fix
+-> detach -> finalize (libvirt XML, JSON report, next VM of the batch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from vmcraft_tasks import jobs
+from vmcraft_tasks.batches import BatchStore
+from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft.convert import convert_image
+from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.migration import vm_ended
+from vmcraft_tasks.outputs import write_domain_xml, write_vm_report
+from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue, pin
+from vmcraft_tasks.tasks.base import VMStep
+from vmcraft_tasks.tasks.vm import attach, detach_on_error
+from worker.runtime import runtime
+
+HOST_FULL_RETRY_S = 0.5
+HOST_FULL_MAX_RETRIES = 7200
+CONVERSION_WAIT_S = 6 * 3600.0
+PROGRESS_STEP_PCT = 2.0
+
+
+@app.task(name="vmcraft.vm.start", bind=True, base=VMStep, max_retries=HOST_FULL_MAX_RETRIES)
+def start(self: VMStep, ctx: dict[str, Any]) -> Any:
+    """Place the VM on this host (pin, group, free slot) and start converting it here."""
+    rt = runtime()
+    plan = ctx["plan"]
+    job_id = ctx["job_id"]
+    pinned = plan.get("host")
+    group = plan.get("host_group") or []
+    if pinned and pinned != rt.host_id:
+        raise self.retry(countdown=0, queue=host_queue(pinned))
+    if group and rt.host_id not in group:
+        # Not one of ours: back to the shared queue for a host of the group.
+        raise self.retry(countdown=HOST_FULL_RETRY_S, queue=INTAKE_QUEUE)
+    if rt.leases.acquire(job_id) is None:
+        # Full: wait, rather than overload this host (pinned VMs wait for their host).
+        queue = host_queue(pinned) if pinned else INTAKE_QUEUE
+        raise self.retry(countdown=HOST_FULL_RETRY_S, queue=queue)
+    if not rt.jobs.transition(job_id, jobs.CONVERTING, host=rt.host_id):
+        rt.leases.release(job_id)
+        return {"job_id": job_id, "ok": False, "error": "job already ended"}
+    rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, started_at=time.time())
+    ctx = {**ctx, "host": rt.host_id}
+    raise self.replace(pin(convert.si(ctx).on_error(detach_on_error.s(ctx)), rt.host_id))
+
+
+def _conversion_marker(target: str) -> str:
+    return target + ".vmcraft.json"
+
+
+def _already_converted(disk: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished conversion of the same source (resume skips it)."""
+    try:
+        with open(_conversion_marker(disk["target"])) as fh:
+            done: dict[str, Any] = json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+    from vmcraft_tasks.craft.images import disk_identity
+
+    same = done.get("source_identity") == disk_identity(disk["source"])
+    return done if same and os.path.exists(disk["target"]) else None
+
+
+@app.task(name="vmcraft.vm.convert", bind=True, base=VMStep)
+def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
+    """Convert every disk under the host's conversion limit, then attach the boot disk."""
+    from vmcraft_tasks.craft.images import disk_identity
+
+    rt = runtime()
+    plan = ctx["plan"]
+    job_id = ctx["job_id"]
+    results = []
+    for index, disk in enumerate(plan["disks"]):
+        done = _already_converted(disk)
+        if done is not None:
+            results.append({**done, "skipped": "already converted"})
+            continue
+        os.makedirs(os.path.dirname(disk["target"]), exist_ok=True)
+        last = [-PROGRESS_STEP_PCT]
+
+        def report(pct: float, index: int = index, last: list[float] = last) -> None:
+            if pct - last[0] >= PROGRESS_STEP_PCT or pct >= 100.0:
+                last[0] = pct
+                rt.jobs.set_progress(job_id, convert_disk=index, convert_pct=round(pct, 1))
+                self.progress(job_id=job_id, step="converting", disk=index, pct=round(pct, 1))
+
+        with rt.conversion_slots.hold(f"{job_id}:{index}", timeout_s=CONVERSION_WAIT_S):
+            result = convert_image(
+                disk["source"],
+                disk["target"],
+                target_format=plan["target_format"],
+                progress=report,
+                # Our own output: a target without a finished-conversion marker is what
+                # an interrupted earlier attempt left.
+                overwrite=True,
+            )
+        done = {**result.to_dict(), "source_identity": disk_identity(disk["source"])}
+        with open(_conversion_marker(disk["target"]), "w") as fh:
+            json.dump(done, fh)
+        results.append(done)
+    rt.jobs.set_progress(job_id, conversions=results, convert_pct=100.0)
+    write_mode = plan["fixes"] and not plan["dry_run"]
+    next_ctx = {
+        **ctx,
+        "image": plan["disks"][0]["target"],
+        "readonly": not write_mode,
+        "conversions": results,
+    }
+    raise self.replace(pin(attach.si(next_ctx), ctx["host"]))
+
+
+@app.task(name="vmcraft.vm.fix", bind=True, base=VMStep)
+def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """Offline fixes on the converted copy (or what they would change, in a dry run)."""
+    from vmcraft_tasks.craft.fixes.distros import apply_fixes
+
+    rt = runtime()
+    plan = ctx["plan"]
+    if not plan["fixes"]:
+        return {**report, "fixes": [], "fix_notes": ["fixes switched off for this VM"]}
+    rt.jobs.transition(ctx["job_id"], jobs.FIXING)
+    parts = [Partition.from_dict(p) for p in ctx["partitions"]]
+    filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
+    fixes: list[dict[str, Any]] = []
+    notes: list[str] = []
+    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    try:
+        for root in report["roots"]:
+            info = OSInfo.from_dict(root)
+            mount = report["mounts"].get(str(info.root_partition))
+            if not mount or not mount["ok"]:
+                notes.append(f"root on partition {info.root_partition} is not mounted")
+                continue
+            result = apply_fixes(
+                GuestFS(mount["mountpoint"]), info, filesystems, parts, dry_run=plan["dry_run"]
+            )
+            data = result.to_dict()
+            fixes += data["applied"]
+            notes += data.get("notes", [])
+        if fixes and not plan["dry_run"]:
+            # The disk changed: cached scans of it must not be served again.
+            g.cache.bump_generation(g.image.identity)
+    finally:
+        g.forget()
+    self.progress(job_id=ctx["job_id"], step="fixed", fixes=len(fixes))
+    return {**report, "fixes": fixes, "fix_notes": notes}
+
+
+@app.task(name="vmcraft.vm.finalize", bind=True, base=VMStep)
+def finalize(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """libvirt domain XML and the VM's JSON report; the VM is done; the batch moves on."""
+    rt = runtime()
+    plan = ctx["plan"]
+    xml_path = write_domain_xml(plan, report)
+    report = {**report, "libvirt_xml": xml_path, "conversions": ctx.get("conversions", [])}
+    rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
+    end_batch_vm(ctx)
+    return {"job_id": ctx["job_id"], "ok": True, "libvirt_xml": xml_path}
+
+
+def end_batch_vm(ctx: dict[str, Any]) -> None:
+    """Write the VM's report (done or failed) and release its place in the batch."""
+    rt = runtime()
+    record = rt.jobs.get(ctx["job_id"])
+    write_vm_report(ctx["plan"], record, rt.jobs.steps(ctx["job_id"]))
+    store = BatchStore(rt.state)
+    vm_ended(app, store, rt.jobs, ctx["batch"], ctx["vm_id"])
