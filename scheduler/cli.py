@@ -56,7 +56,8 @@ def _finish(client: FleetClient, name: str, started: float) -> int:
     print()
     print(render_markdown(summary))
     say(f"reports: {summary.get('reports_dir', '?')}  ({time.monotonic() - started:.1f} s)")
-    return 0 if summary["counts"].get("done", 0) == summary["total"] else 1
+    counts = summary["counts"]
+    return 0 if counts["by_status"].get("done", 0) == counts["total"] else 1
 
 
 def run_batch(manifest: str, *, hosts: int, concurrency: int) -> int:

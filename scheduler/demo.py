@@ -25,7 +25,7 @@ def demo_manifest(directory: str) -> dict[str, object]:
             {"id": "db02", "disks": [rocky.path], "options": {"priority": 5}},
             {"id": "win03", "disks": [windows.path]},
             {"id": "dirty04", "disks": [dirty.path], "options": {"dry_run": True}},
-            {"id": "broken05", "disks": [corrupt]},
+            {"id": "broken05", "disks": [corrupt.path]},
             {"id": "gone06", "disks": [os.path.join(directory, "missing", "gone06.vmdk")]},
         ],
     }

@@ -49,13 +49,20 @@ class FleetSettings:
     heartbeat_s: int = 10
     soft_time_limit_s: int = 1800
     time_limit_s: int = 1900
-    visibility_timeout_s: int = 3600
+    convert_time_limit_s: int = 6 * 3600  # the conversion step copies whole disks
+    visibility_timeout_s: int = 7 * 3600
 
     def __post_init__(self) -> None:
         if not self.soft_time_limit_s < self.time_limit_s < self.visibility_timeout_s:
             raise ValueError(
                 "time limits must satisfy soft < hard < broker visibility timeout "
                 f"(got {self.soft_time_limit_s}, {self.time_limit_s}, {self.visibility_timeout_s})"
+            )
+        if not self.convert_time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "the conversion time limit must be below the broker visibility timeout "
+                f"(got {self.convert_time_limit_s}, {self.visibility_timeout_s}): a longer "
+                "conversion would be delivered twice"
             )
         if self.heartbeat_s >= self.lease_ttl_s:
             raise ValueError("VMCRAFT_HEARTBEAT_S must be shorter than VMCRAFT_LEASE_TTL_S")
@@ -79,7 +86,8 @@ class FleetSettings:
             heartbeat_s=_int("VMCRAFT_HEARTBEAT_S", 10),
             soft_time_limit_s=_int("VMCRAFT_SOFT_TIME_LIMIT_S", 1800),
             time_limit_s=_int("VMCRAFT_TIME_LIMIT_S", 1900),
-            visibility_timeout_s=_int("VMCRAFT_VISIBILITY_TIMEOUT_S", 3600),
+            convert_time_limit_s=_int("VMCRAFT_CONVERT_TIME_LIMIT_S", 6 * 3600),
+            visibility_timeout_s=_int("VMCRAFT_VISIBILITY_TIMEOUT_S", 7 * 3600),
         )
 
 

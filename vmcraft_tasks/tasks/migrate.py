@@ -76,7 +76,16 @@ def _already_converted(disk: dict[str, Any]) -> dict[str, Any] | None:
     return done if same and os.path.exists(disk["target"]) else None
 
 
-@app.task(name="vmcraft.vm.convert", bind=True, base=VMStep)
+_SETTINGS = app.conf.vmcraft_settings
+
+
+@app.task(
+    name="vmcraft.vm.convert",
+    bind=True,
+    base=VMStep,
+    soft_time_limit=_SETTINGS.convert_time_limit_s - 60,
+    time_limit=_SETTINGS.convert_time_limit_s,
+)
 def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
     """Convert every disk under the host's conversion limit, then attach the boot disk."""
     from vmcraft_tasks.craft.images import disk_identity
@@ -103,6 +112,7 @@ def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
             result = convert_image(
                 disk["source"],
                 disk["target"],
+                timeout_s=_SETTINGS.convert_time_limit_s - 120,
                 target_format=plan["target_format"],
                 progress=report,
                 # Our own output: a target without a finished-conversion marker is what

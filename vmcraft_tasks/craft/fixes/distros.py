@@ -75,8 +75,10 @@ class FixContext:
             self.notes.append(text)
 
     def _target(self, name: str, path: str, *, required: bool) -> str | None:
-        """The guest path of the regular file `path` stands for, symlinks resolved in
-        the guest; None (with a skip when that matters) if there is none."""
+        """The guest path of the regular file behind `path` (links resolved in the guest).
+
+        None, with a skip when that matters, when there is no such file.
+        """
         fs = self.fs
         if fs.exists(path):
             target = fs.realpath(path)
