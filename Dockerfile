@@ -20,7 +20,7 @@ RUN apt-get update \
         mtools \
         fusefat \
         fuse3 \
-        libhivex-bin \
+        libhivex-bin libxml2-utils \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \

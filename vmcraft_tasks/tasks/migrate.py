@@ -148,6 +148,7 @@ def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
     filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
     fixes: list[dict[str, Any]] = []
     notes: list[str] = []
+    changed = False
     g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
     try:
         for root in report["roots"]:
@@ -162,7 +163,8 @@ def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
             data = result.to_dict()
             fixes += data["applied"]
             notes += data.get("notes", [])
-        if fixes and not plan["dry_run"]:
+            changed = changed or result.changed
+        if changed and not plan["dry_run"]:
             # The disk changed: cached scans of it must not be served again.
             g.cache.bump_generation(g.image.identity)
     finally:
