@@ -193,3 +193,24 @@ def test_watch_ends_with_the_batch(client, tmp_path, mbr_logical_raw, capsys):
     assert status.finished
     text = out.getvalue()
     assert "batch watched [" in text and "100.0%" in text
+
+
+def test_pinned_vms_run_only_on_their_host_and_groups_within_the_group(
+    client, tmp_path, mbr_logical_raw
+):
+    vms = [
+        {"id": "pin1", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "fixes": False}},
+        {"id": "pin2", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "fixes": False}},
+        {
+            "id": "grp3",
+            "disks": [mbr_logical_raw.path],
+            "options": {"host_group": ["h1"], "fixes": False},
+        },
+    ]
+    batch = submit_batch(client, write_manifest(tmp_path, {"batch": "pinned", "vms": vms}))
+    status = wait_finished(client, batch)
+    hosts = {vm.vm_id: (vm.status, vm.host) for vm in status.vms}
+    assert hosts == {"pin1": ("done", "h2"), "pin2": ("done", "h2"), "grp3": ("done", "h1")}
+    for vm_id, (_status, host) in hosts.items():
+        ran = {s["host"] for s in client.jobs.steps(f"pinned.{vm_id}") if s["outcome"] != "retry"}
+        assert ran == {host}

@@ -1,0 +1,50 @@
+"""`vmcraft-tasks demo` / `run` as a user runs them: a private fleet, started and stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests import leaks
+
+
+def redis_servers() -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == "redis-server":
+                    found.add(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_demo_runs_the_sample_batch_and_leaves_nothing_running(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMCRAFT_BROKER")}
+    env["VMCRAFT_WORK_DIR"] = str(tmp_path / "work")
+    before = leaks.snapshot()
+    servers_before = redis_servers()
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "demo", "--directory", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no broker configured: starting a private fleet (2 hosts)" in proc.stderr
+    assert "batch demo [########################] 100.0%" in proc.stdout
+    out = tmp_path / "demo" / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["by_status"] == {"done": 4, "failed": 2}
+    for vm in ("web01", "db02", "win03", "dirty04"):
+        assert (out / f"{vm}.xml").exists() and (out / f"{vm}-disk0.qcow2").exists()
+    dry = json.loads((out / "dirty04.json").read_text())
+    assert dry["status"] == "done"
+    # The private redis-server and workers are gone.
+    assert not leaks.snapshot().new_since(before)
+    assert redis_servers() <= servers_before
