@@ -214,3 +214,16 @@ def test_pinned_vms_run_only_on_their_host_and_groups_within_the_group(
     for vm_id, (_status, host) in hosts.items():
         ran = {s["host"] for s in client.jobs.steps(f"pinned.{vm_id}") if s["outcome"] != "retry"}
         assert ran == {host}
+
+
+def test_dry_run_reports_fixes_and_writes_nothing_to_the_guest(client, tmp_path, linux_gpt_raw):
+    vms = [{"id": "dry1", "disks": [linux_gpt_raw.path], "options": {"dry_run": True}}]
+    batch = submit_batch(client, write_manifest(tmp_path, {"batch": "dry", "vms": vms}))
+    (vm,) = wait_finished(client, batch).vms
+    assert vm.status == "done", vm.error
+    report = json.loads((tmp_path / "dry" / "dry1.json").read_text())
+    fstab = next(f for f in report["fixes"] if f["target"] == "/etc/fstab")
+    assert fstab["applied"] is False and "/dev/sda3" not in fstab["after"]
+    with VMCraft(report["disks"][0]["target"]) as g:
+        (root,) = g.inspect_os()
+        assert "/dev/sda3" in g.guest(root).cat("/etc/fstab")
