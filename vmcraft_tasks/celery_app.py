@@ -35,11 +35,13 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         # Flower sees every task and worker.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        # Flower learns that a task started from the task-started event; a STARTED
+        # write to the result backend per task would only cost a round trip.
+        "task_track_started": False,
         "task_default_queue": INTAKE_QUEUE,
         "task_queues": declared_queues(),
         "task_create_missing_queues": True,
-        "result_extended": True,
+        "result_extended": False,
         "result_expires": 7 * 24 * 3600,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,

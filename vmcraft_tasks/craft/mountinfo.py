@@ -22,6 +22,20 @@ def _mountinfo_points() -> list[str]:
         return [_unescape(line.split()[4]) for line in fh if len(line.split()) > 4]
 
 
+def sources_under(directory: str) -> dict[str, str]:
+    """{mount point: source} for every mount inside `directory`, from one read."""
+    prefix = os.path.realpath(directory).rstrip("/") + "/"
+    found = {}
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 4 and "-" in fields[6:]:
+                point = _unescape(fields[4])
+                if point.startswith(prefix):
+                    found[point] = _unescape(fields[fields.index("-", 6) + 2])
+    return found
+
+
 def source_of(mountpoint: str) -> str:
     """The mount source (device) of a mount point, or "" when not mounted."""
     target = os.path.realpath(mountpoint)

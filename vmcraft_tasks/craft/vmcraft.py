@@ -123,8 +123,8 @@ class VMCraft:
         g._backend, g._disk, g._image = backend, disk, disk.image
         g._devices.update(backend.known_partition_devices(disk))
         g._mount_root = os.path.join(state_dir, "mnt")
-        for mountpoint in mountinfo.mounts_under(g._mount_root):
-            g._tracker.add(TrackedMount(mountinfo.source_of(mountpoint), mountpoint, "adopted"))
+        for mountpoint, source in mountinfo.sources_under(g._mount_root).items():
+            g._tracker.add(TrackedMount(source, mountpoint, "adopted"))
         return g
 
     def forget(self) -> None:
@@ -267,6 +267,10 @@ class VMCraft:
         raise VMCraftError(f"{device} is not a device of this disk: use list_partitions()")
 
     def device(self, partition_number: int) -> str:
+        with self._devices_lock:
+            known = self._devices.get(partition_number)
+        if known is not None:
+            return known  # no partition-table lookup for a device already exposed
         return self._partition_by_number(partition_number).device or ""
 
     # -- blkid ---------------------------------------------------------------

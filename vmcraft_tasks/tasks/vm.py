@@ -117,7 +117,11 @@ def vm_tail(ctx: dict[str, Any]) -> Any:
     def guarded(sig: Any) -> Any:
         return sig.on_error(detach_on_error.s(ctx))
 
-    header = [guarded(mount_partition.si(ctx, n)) for n in ctx["mount_targets"]]
+    types = {f["partition"]: f["type"] for f in ctx["filesystems"]}
+    # Header tasks carry only what a mount needs: twenty of them per VM add up.
+    slim = {k: ctx[k] for k in ("job_id", "state_dir", "host")}
+    slim["of"] = len(ctx["mount_targets"])
+    header = [guarded(mount_partition.si(slim, n, types.get(n))) for n in ctx["mount_targets"]]
     body = guarded(inspect_vm.s(ctx)) if header else guarded(inspect_vm.si([], ctx))
     steps: list[Any] = [chord(header, body) if header else body]
     if "plan" in ctx:
@@ -130,7 +134,9 @@ def vm_tail(ctx: dict[str, Any]) -> Any:
 
 
 @app.task(name="vmcraft.vm.mount_partition", bind=True, base=VMStep)
-def mount_partition(self: VMStep, ctx: dict[str, Any], number: int) -> dict[str, Any]:
+def mount_partition(
+    self: VMStep, ctx: dict[str, Any], number: int, fstype: str | None = None
+) -> dict[str, Any]:
     """Mount one partition under the host-wide mount limit. A filesystem that will not
     mount is a value, not an error, so the chord body still runs."""
     rt = runtime()
@@ -140,13 +146,14 @@ def mount_partition(self: VMStep, ctx: dict[str, Any], number: int) -> dict[str,
         started = time.time()
         g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
         try:
-            result = g.mount_with_fallback(number, private_mountpoint(g, number))
+            # The scan already knew the type: no cache round trip to ask again.
+            result = g.mount_with_fallback(number, private_mountpoint(g, number), fstype)
         finally:
             g.forget()
         ended = time.time()
     timeline.record_interval(rt.state, rt.host_id, "mount", started, ended, token)
     done = rt.jobs.bump_progress(job_id, "mounted")
-    self.progress(job_id=job_id, step="mounting", mounted=done, of=len(ctx["mount_targets"]))
+    self.progress(job_id=job_id, step="mounting", mounted=done, of=ctx["of"])
     return {"partition": number, **result.to_dict()}
 
 

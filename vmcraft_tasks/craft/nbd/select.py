@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from vmcraft_tasks.craft.errors import BackendUnavailableError
@@ -17,11 +18,17 @@ def kernel_nbd_usable(sysfs_root: str = "/sys") -> bool:
         return False
 
 
+@functools.cache
+def _check_fuse_once() -> None:
+    # A PATH scan per attach adds up in a fleet: each step resumes the attach.
+    FuseNbdBackend.check_available()
+
+
 def make_backend(name: str) -> AttachBackend:
     if name == "auto":
         name = "kernel" if kernel_nbd_usable() else "fuse"
     if name == "fuse":
-        FuseNbdBackend.check_available()
+        _check_fuse_once()
         return FuseNbdBackend()
     if name == "kernel":
         from vmcraft_tasks.craft.nbd.kernel import KernelNbdBackend
