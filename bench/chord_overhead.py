@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.cache import InProcessTTLCache
 from vmcraft_tasks.craft.inspect_disk import private_mountpoint
 from vmcraft_tasks.craft.settings import CraftSettings
@@ -74,14 +73,7 @@ def main(runs: int = 5) -> None:
         )
         fleet.start("h1", concurrency=WORKERS)
         fleet.wait_online(["h1"])
-        env = fleet.env()
-        client = FleetClient(
-            FleetSettings(
-                broker_url=env["VMCRAFT_BROKER_URL"],
-                result_backend=env["VMCRAFT_RESULT_BACKEND"],
-                cache_url=env["VMCRAFT_CACHE_URL"],
-            )
-        )
+        client = FleetClient(fleet.settings())
         lib, chord = [], []
         try:
             fleet_mount_phase(client, overlay(base, root, 0))  # warm-up

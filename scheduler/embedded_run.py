@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TextIO
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.embedded.fleet import Fleet
 from vmcraft_tasks.embedded.redis import redis_server
 
@@ -39,14 +38,7 @@ def embedded_fleet(
             for name in names:
                 fleet.start(name, concurrency=concurrency)
             fleet.wait_online(names)
-            env = fleet.env()
-            client = FleetClient(
-                FleetSettings(
-                    broker_url=env["VMCRAFT_BROKER_URL"],
-                    result_backend=env["VMCRAFT_RESULT_BACKEND"],
-                    cache_url=env["VMCRAFT_CACHE_URL"],
-                )
-            )
+            client = FleetClient(fleet.settings())
             yield client
         finally:
             if client is not None:

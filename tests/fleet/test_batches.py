@@ -14,7 +14,6 @@ import yaml
 from scheduler.batch import batch_status, cancel_batch, resume_batch, submit_batch
 from scheduler.submit import FleetClient
 from scheduler.watch import watch_batch
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.samples.imagebuild import sha256_file
@@ -27,14 +26,7 @@ def fleet(fleet_factory):
 
 @pytest.fixture
 def client(fleet):
-    env = fleet.env()
-    c = FleetClient(
-        FleetSettings(
-            broker_url=env["VMCRAFT_BROKER_URL"],
-            result_backend=env["VMCRAFT_RESULT_BACKEND"],
-            cache_url=env["VMCRAFT_CACHE_URL"],
-        )
-    )
+    c = FleetClient(fleet.settings())
     yield c
     c.close()
 

@@ -7,7 +7,6 @@ import time
 
 from scheduler.submit import FleetClient
 from tests import leaks
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.nbd.helpers import AttachResources, process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from vmcraft_tasks.embedded.fleet import kill_group
@@ -20,14 +19,7 @@ def test_kill_9_mid_vm_then_restart_leaves_nothing_and_fails_the_vm(
     fleet_factory, overlay, linux_gpt_raw
 ):
     fleet = fleet_factory(["h1"], concurrency=2, vmcraft_max_mounts="1")
-    env = fleet.env()
-    client = FleetClient(
-        FleetSettings(
-            broker_url=env["VMCRAFT_BROKER_URL"],
-            result_backend=env["VMCRAFT_RESULT_BACKEND"],
-            cache_url=env["VMCRAFT_CACHE_URL"],
-        )
-    )
+    client = FleetClient(fleet.settings())
     state = fleet.state
     # Hold the host's only mount place, so the VM stops after attaching, mid-flight.
     blocker = RedisSemaphore(state, keys.semaphore_key("h1", "mounts"), 1, 300)

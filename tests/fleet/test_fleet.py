@@ -12,7 +12,6 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from worker import keys
 from worker.leases import SlotLeases
@@ -36,18 +35,9 @@ def fleet(fleet_factory):
 
 @pytest.fixture
 def client(fleet):
-    c = FleetClient(_settings(fleet))
+    c = FleetClient(fleet.settings())
     yield c
     c.close()
-
-
-def _settings(fleet) -> FleetSettings:
-    env = fleet.env()
-    return FleetSettings(
-        broker_url=env["VMCRAFT_BROKER_URL"],
-        result_backend=env["VMCRAFT_RESULT_BACKEND"],
-        cache_url=env["VMCRAFT_CACHE_URL"],
-    )
 
 
 def assert_host_is_clean(fleet, host: str) -> None:

@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.embedded.fleet import kill_group
 from vmcraft_tasks.embedded.redis import free_port
 
@@ -59,13 +58,7 @@ def test_flower_shows_workers_and_a_finished_task(fleet_factory, overlay, linux_
             start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
-    client = FleetClient(
-        FleetSettings(
-            broker_url=env["VMCRAFT_BROKER_URL"],
-            result_backend=env["VMCRAFT_RESULT_BACKEND"],
-            cache_url=env["VMCRAFT_CACHE_URL"],
-        )
-    )
+    client = FleetClient(fleet.settings())
     try:
         workers = wait_for(
             lambda: (

@@ -7,7 +7,6 @@ import signal
 import time
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.nbd.helpers import AttachResources, process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from worker import keys
@@ -18,14 +17,7 @@ from worker.semaphore import RedisSemaphore
 
 def test_warm_shutdown_detaches_what_is_still_attached(fleet_factory, overlay, linux_gpt_raw):
     fleet = fleet_factory(["h1"], concurrency=1, vmcraft_max_mounts="1")
-    env = fleet.env()
-    client = FleetClient(
-        FleetSettings(
-            broker_url=env["VMCRAFT_BROKER_URL"],
-            result_backend=env["VMCRAFT_RESULT_BACKEND"],
-            cache_url=env["VMCRAFT_CACHE_URL"],
-        )
-    )
+    client = FleetClient(fleet.settings())
     state = fleet.state
     blocker = RedisSemaphore(state, keys.semaphore_key("h1", "mounts"), 1, 300)
     assert blocker.try_acquire("test-blocker")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from worker import keys
 from worker.leases import SlotLeases
@@ -16,14 +15,7 @@ def test_mount_step_that_cannot_get_a_place_fails_the_vm_and_detaches(
     fleet_factory, overlay, linux_gpt_raw
 ):
     fleet = fleet_factory(["h1"], vmcraft_max_mounts="1", vmcraft_mount_wait_s="1")
-    env = fleet.env()
-    client = FleetClient(
-        FleetSettings(
-            broker_url=env["VMCRAFT_BROKER_URL"],
-            result_backend=env["VMCRAFT_RESULT_BACKEND"],
-            cache_url=env["VMCRAFT_CACHE_URL"],
-        )
-    )
+    client = FleetClient(fleet.settings())
     state = fleet.state
     blocker = RedisSemaphore(state, keys.semaphore_key("h1", "mounts"), 1, 300)
     assert blocker.try_acquire("test-blocker")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import redis
 
+from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.embedded.redis import RedisServer
 from worker.registry import list_hosts
 
@@ -58,6 +59,15 @@ class Fleet:
         if host:
             env["VMCRAFT_HOST_ID"] = host
         return env
+
+    def settings(self) -> FleetSettings:
+        """Client settings that reach this fleet (its broker, results and cache)."""
+        env = self.env()
+        return FleetSettings(
+            broker_url=env["VMCRAFT_BROKER_URL"],
+            result_backend=env["VMCRAFT_RESULT_BACKEND"],
+            cache_url=env["VMCRAFT_CACHE_URL"],
+        )
 
     @property
     def state(self) -> redis.Redis:
