@@ -91,16 +91,33 @@ def reap_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def _reap_zombie(pid: int, timeout_s: float = 1.0) -> None:
+    """Collect a child that shows as a zombie. A multi-threaded helper shows Z while its
+    other threads still exit, and waitpid cannot collect it until they have."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            return  # not our child, or already collected
+        if done == pid or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
+
+
 def wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reap_child(pid)
         if not process_alive(pid):
-            reap_child(pid)
+            _reap_zombie(pid)
             return True
         time.sleep(0.005)
     reap_child(pid)
-    return not process_alive(pid)
+    gone = not process_alive(pid)
+    if gone:
+        _reap_zombie(pid)
+    return gone
 
 
 def terminate(pid: int, marker: str, timeout_s: float = 5.0) -> None:
