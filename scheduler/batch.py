@@ -97,7 +97,9 @@ def submit_batch(
     if not client.online_hosts():
         raise NoHostOnlineError(client.settings.broker_url)
     store = _store(client)
-    store.create(plan.batch, plan.to_dict(), max_parallel=plan.limits.max_parallel)
+    store.create(
+        plan.batch, plan.to_dict(), max_parallel=plan.limits.max_parallel or fleet_capacity(client)
+    )
     for vm in plan.vms:
         job_id = job_id_for(plan.batch, vm.id)
         client.jobs.create(job_id, vm.disks[0].source, batch=plan.batch)
@@ -108,6 +110,20 @@ def submit_batch(
     dispatch(store, plan.batch, lambda vm_id: send_vm(client.app, store, plan.batch, vm_id))
     write_summary_if_finished(store, client.jobs, plan.batch)  # every VM already failed
     return plan.batch
+
+
+def fleet_capacity(client: FleetClient) -> int:
+    """Disks the online hosts can hold at once. A batch without its own limit keeps this
+    many VMs in flight, so the rest wait in the batch instead of bouncing between full
+    hosts (each bounce is a task run and a retry on a busy fleet)."""
+    from worker.registry import list_hosts
+
+    slots = sum(
+        int(h.info.limits.get("max_attached", 1))
+        for h in list_hosts(client.state)
+        if h.online and h.info is not None
+    )
+    return max(slots, 1)
 
 
 def _record(client: FleetClient, batch: str, vm_id: str) -> JobRecord:
