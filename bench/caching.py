@@ -392,6 +392,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child_main(json.loads(sys.argv[2]))
     else:
-        text, result = run(quick="--quick" in sys.argv[1:])
+        quick_run = "--quick" in sys.argv[1:]
+        text, result = run(quick=quick_run)
         print(text)
-        print(f"saved {save('caching', result)}")
+        # A quick run never overwrites the full run's results.
+        print(f"saved {save('caching_quick' if quick_run else 'caching', result)}")

@@ -488,6 +488,8 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    text, result = run(quick="--quick" in sys.argv[1:])
+    quick_run = "--quick" in sys.argv[1:]
+    text, result = run(quick=quick_run)
     print(text)
-    print(f"saved {save('parallel_mounts', result)}")
+    # A quick run never overwrites the full run's results.
+    print(f"saved {save('parallel_mounts_quick' if quick_run else 'parallel_mounts', result)}")
