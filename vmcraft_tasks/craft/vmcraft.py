@@ -15,6 +15,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 from vmcraft_tasks.craft import cache as cache_mod
 from vmcraft_tasks.craft import commands, images, mountinfo, partitions, probe
@@ -232,12 +233,29 @@ class VMCraft:
         key = self._key(cache_mod.KIND_PARTITIONS)
         cached = self.cache.get(key, cache_mod.KIND_PARTITIONS) if use_cache else None
         if cached is not None:
-            parts = [Partition.from_dict(d) for d in cached]
+            return self._with_devices(cached)
         else:
             # Fresh results are stored either way: use_cache=False refreshes the cache.
             parts = partitions.read_partition_table(self.disk.disk_path)
             self.cache.set(key, [p.to_dict() for p in parts], self.cache_ttl.partitions_s)
         return [p.with_device(self._device_for(p)) for p in partitions.data_partitions(parts)]
+
+    def _with_devices(self, records: list[dict[str, Any]]) -> list[Partition]:
+        """Cached records as partitions with this host's devices: the hot path of a cache
+        hit builds each record once (devices already exposed need no lookup)."""
+        with self._devices_lock:
+            known = dict(self._devices)
+        parts = []
+        for record in records:
+            device = known.get(record["number"])
+            if device is not None:
+                part = Partition(**record, device=device)
+            else:
+                part = Partition.from_dict(record)
+                part = part.with_device(self._device_for(part)) if not part.extended else part
+            if not part.extended:
+                parts.append(part)
+        return parts
 
     def _partition_by_number(self, number: int) -> Partition:
         for part in self.list_partitions():
