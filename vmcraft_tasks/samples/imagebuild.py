@@ -975,18 +975,19 @@ def _make_dirty_ext4(fs: Path, label: str, uuid: str, work: Path) -> None:
     raise ImageBuildError("could not capture an ext4 with an un-replayed journal")
 
 
-def _verify_ext4_replay(fs: Path, work: Path) -> None:
-    copy = work / "ext4-verify.img"
+def _verify_replay(fs: Path, work: Path, fstype: str, skip_opts: str, replay_opts: str) -> None:
+    """The after-crash file must appear only when the journal or log is replayed."""
+    copy = work / f"{fstype}-verify.img"
     _sparse_clone(fs, copy)
-    mnt = work / "ext4-verify-mnt"
+    mnt = work / f"{fstype}-verify-mnt"
     try:
         with _loop(copy) as dev:
-            with _mounted(dev, mnt, "ext4", "ro,noload") as root:
+            with _mounted(dev, mnt, fstype, skip_opts) as root:
                 if (root / AFTER_CRASH_PATH[1:]).exists():
-                    raise ImageBuildError("after-crash file visible without journal replay")
-            with _mounted(dev, mnt, "ext4", "ro") as root:
+                    raise ImageBuildError(f"{fstype}: after-crash file visible without replay")
+            with _mounted(dev, mnt, fstype, replay_opts) as root:
                 if (root / AFTER_CRASH_PATH[1:]).read_text() != AFTER_CRASH_TEXT:
-                    raise ImageBuildError("journal replay did not bring back after-crash file")
+                    raise ImageBuildError(f"{fstype}: replay did not bring back after-crash file")
     finally:
         copy.unlink()
 
@@ -995,7 +996,7 @@ def _build_dirty_ext4(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     uuid = _fs_uuid(DIRTY_EXT4_ID, 1)
     fs = work / "dirty.ext4"
     _make_dirty_ext4(fs, "dirty", uuid, work)
-    _verify_ext4_replay(fs, work)
+    _verify_replay(fs, work, "ext4", "ro,noload", "ro")
     disk = out / "dirty-ext4.raw"
     layout = _single_partition_gpt(disk, DIRTY_EXT4_ID, fs, EXT4_FS_MIB, "dirty")
     notes = _single_partition_notes(DIRTY_EXT4_ID, layout, "ext4", "dirty", uuid)
@@ -1113,27 +1114,11 @@ def _make_dirty_xfs(fs: Path, label: str, uuid: str, work: Path) -> None:
     raise ImageBuildError("could not leave an xfs with a dirty log")
 
 
-def _verify_xfs_replay(fs: Path, work: Path) -> None:
-    copy = work / "xfs-verify.img"
-    _sparse_clone(fs, copy)
-    mnt = work / "xfs-verify-mnt"
-    try:
-        with _loop(copy) as dev:
-            with _mounted(dev, mnt, "xfs", "ro,norecovery,nouuid") as root:
-                if (root / AFTER_CRASH_PATH[1:]).exists():
-                    raise ImageBuildError("after-crash file visible without log recovery")
-            with _mounted(dev, mnt, "xfs", "ro,nouuid") as root:
-                if (root / AFTER_CRASH_PATH[1:]).read_text() != AFTER_CRASH_TEXT:
-                    raise ImageBuildError("log recovery did not bring back after-crash file")
-    finally:
-        copy.unlink()
-
-
 def _build_dirty_xfs(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     uuid = _fs_uuid(DIRTY_XFS_ID, 1)
     fs = work / "dirty.xfs"
     _make_dirty_xfs(fs, "dirtyxfs", uuid, work)
-    _verify_xfs_replay(fs, work)
+    _verify_replay(fs, work, "xfs", "ro,norecovery,nouuid", "ro,nouuid")
     disk = out / "dirty-xfs.raw"
     layout = _single_partition_gpt(disk, DIRTY_XFS_ID, fs, XFS_FS_MIB, "dirtyxfs")
     notes = _single_partition_notes(DIRTY_XFS_ID, layout, "xfs", "dirtyxfs", uuid)
