@@ -30,8 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +66,7 @@ TARGET_MS = {IN_PROCESS: 0.1, REDIS: 1.0}
 # ------------------------------------------------------------------------- measuring
 
 
-@contextmanager
-def counting() -> Iterator[list[str]]:
-    """Program names of the commands the runner starts inside the block."""
-    ran: list[str] = []
-    stop = commands.add_observer(lambda argv: ran.append(os.path.basename(argv[0])))
-    try:
-        yield ran
-    finally:
-        stop()
+counting = commands.recorded
 
 
 def scan_calls(g: VMCraft, use_cache: bool) -> dict[str, Any]:

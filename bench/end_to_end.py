@@ -305,15 +305,7 @@ def overlay(base: str, directory: Path, name: str) -> str:
 # --------------------------------------------------------------------------- process counting
 
 
-@contextlib.contextmanager
-def counting_processes() -> Iterator[list[str]]:
-    """The external commands the library runs in the block (argv[0] of each)."""
-    ran: list[str] = []
-    stop = commands.add_observer(lambda argv: ran.append(os.path.basename(argv[0])))
-    try:
-        yield ran
-    finally:
-        stop()
+counting_processes = commands.recorded
 
 
 def describe_processes(ran: list[str]) -> str:

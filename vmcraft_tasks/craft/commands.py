@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vmcraft_tasks.craft.errors import CommandError
@@ -64,6 +64,17 @@ STATS = CommandStats()
 
 Observer = Callable[[Sequence[str]], None]
 _observers: list[Observer] = []
+
+
+@contextlib.contextmanager
+def recorded() -> Iterator[list[str]]:
+    """Program names (argv[0] base names) of the commands started inside the block."""
+    ran: list[str] = []
+    stop = add_observer(lambda argv: ran.append(os.path.basename(argv[0])))
+    try:
+        yield ran
+    finally:
+        stop()
 
 
 def add_observer(observer: Observer) -> Callable[[], None]:

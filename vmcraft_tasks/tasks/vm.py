@@ -82,13 +82,11 @@ def scan(self: VMStep, ctx: dict[str, Any]) -> Any:
     job_id = ctx["job_id"]
     rt.jobs.transition(job_id, jobs.SCANNING)
     g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
-    ran: list[str] = []
-    stop_counting = commands.add_observer(lambda argv: ran.append(argv[0]))
     try:
-        parts = g.list_partitions()
-        filesystems = g.filesystems()
+        with commands.recorded() as ran:
+            parts = g.list_partitions()
+            filesystems = g.filesystems()
     finally:
-        stop_counting()
         g.forget()
     # What the scan really ran: zero probes means the shared cache answered.
     rt.jobs.set_progress(job_id, scan_sfdisk=ran.count("sfdisk"), scan_blkid=ran.count("blkid"))
