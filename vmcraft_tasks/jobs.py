@@ -155,6 +155,11 @@ class JobStore:
     def steps(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.client.lrange(_key(job_id) + ":steps", 0, -1)]
 
+    def status(self, job_id: str) -> str | None:
+        """Just the state: what every step checks first, in one small round trip."""
+        raw = self.client.hget(_key(job_id), "status")
+        return _text(raw) if raw is not None else None
+
     def get(self, job_id: str) -> JobRecord:
         raw = self.client.hgetall(_key(job_id))
         if not raw:

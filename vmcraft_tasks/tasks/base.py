@@ -57,10 +57,7 @@ class VMStep(Task):  # type: ignore[misc]
         from vmcraft_tasks.jobs import CANCELLED
         from worker.runtime import runtime
 
-        try:
-            return runtime().jobs.get(job_id).status == CANCELLED
-        except KeyError:
-            return False
+        return runtime().jobs.status(job_id) == CANCELLED
 
     def _record(self, args: tuple[Any, ...], outcome: str) -> None:
         job_id = _job_id(args)
