@@ -27,6 +27,7 @@ from scheduler.intake import load_for_run
 from scheduler.manifest import ManifestError
 from scheduler.submit import FleetClient, NoHostOnlineError
 from scheduler.watch import watch_batch
+from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.render import render_report
 from vmcraft_tasks.reports import render_markdown
 
@@ -61,7 +62,9 @@ def _finish(client: FleetClient, name: str, started: float) -> int:
 
 
 def run_batch(manifest: str, *, hosts: int, concurrency: int) -> int:
-    plan, failed = load_for_run(manifest)  # validate before starting anything
+    # Validate before starting anything, against the image roots this fleet allows.
+    roots = FleetSettings.from_env().image_roots
+    plan, failed = load_for_run(manifest, image_roots=roots)
     for vm_id, reason in failed.items():
         say(f"{vm_id} will fail: {reason}")
     started = time.monotonic()
