@@ -96,15 +96,6 @@ HOME_URL="https://www.ubuntu.com/"
 UBUNTU_CODENAME=jammy
 """
 
-DEBIAN_OS_RELEASE = """\
-PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
-NAME="Debian GNU/Linux"
-VERSION_ID="12"
-VERSION="12 (bookworm)"
-VERSION_CODENAME=bookworm
-ID=debian
-"""
-
 DPKG_STATUS = """\
 Package: base-files
 Status: install ok installed
@@ -247,7 +238,7 @@ def _build_ten_parts(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
 
 def _build_small_mbr(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     root: dict[str, str | bytes] = {
-        "/usr/lib/os-release": DEBIAN_OS_RELEASE,
+        "/usr/lib/os-release": imagebuild.DEBIAN_OS_RELEASE,
         "/etc/hostname": "small\n",
         "/etc/debian_version": "12.5\n",
         "/var/lib/dpkg/status": DPKG_STATUS,
