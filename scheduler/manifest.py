@@ -33,6 +33,7 @@ VM_KEYS = ("id", "disks", "target_format", "output_dir", "options")
 DEFAULT_KEYS = ("target_format", "output_dir", "options")
 DISK_KEYS = ("path",)
 OPTION_KEYS = (
+    "os",
     "fixes",
     "dry_run",
     "host",
@@ -42,8 +43,12 @@ OPTION_KEYS = (
     "vcpus",
     "network",
 )
+# `os: none` declares a data-only VM (no operating system expected on its disks);
+# `auto` (the default) requires one to be found.
+OS_CHOICES = ("auto", "none")
 VM_DEFAULTS: Mapping[str, Any] = {
     "target_format": "qcow2",
+    "os": "auto",
     "fixes": True,
     "dry_run": False,
     "host": None,
@@ -165,6 +170,7 @@ class VMPlan:
     disks: tuple[DiskPlan, ...]
     target_format: str
     output_dir: str
+    os: str = "auto"
     fixes: bool = True
     dry_run: bool = False
     host: str | None = None
@@ -180,6 +186,7 @@ class VMPlan:
             "disks": [d.to_dict() for d in self.disks],
             "target_format": self.target_format,
             "output_dir": self.output_dir,
+            "os": self.os,
             "fixes": self.fixes,
             "dry_run": self.dry_run,
             "host": self.host,
@@ -198,6 +205,7 @@ class VMPlan:
             disks=tuple(DiskPlan.from_dict(d) for d in data["disks"]),
             target_format=data["target_format"],
             output_dir=data["output_dir"],
+            os=str(data.get("os", "auto")),
             fixes=bool(data["fixes"]),
             dry_run=bool(data["dry_run"]),
             host=data.get("host"),
@@ -481,6 +489,16 @@ def _parse_options(value: object, where: _Where, problems: list[Problem]) -> dic
         if checked is not None:
             found[key] = checked
 
+    if "os" in raw:
+        choice = _string(raw["os"], where.key("os"), problems)
+        if choice is not None and choice not in OS_CHOICES:
+            problems.append(
+                where.key("os").problem(
+                    f"must be one of {', '.join(OS_CHOICES)} (none: a data-only VM), not {choice!r}"
+                )
+            )
+        else:
+            keep("os", choice)
     for key in ("fixes", "dry_run"):
         if key in raw:
             keep(key, _boolean(raw[key], where.key(key), problems))
@@ -681,6 +699,7 @@ def _parse_vm(
         ),
         target_format=settings["target_format"],
         output_dir=settings["output_dir"],
+        os=settings["os"],
         fixes=settings["fixes"],
         dry_run=settings["dry_run"],
         host=settings["host"],

@@ -18,6 +18,7 @@ pytest_plugins = ["tests.conftest_images"]
 def private_work_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Attach state of the whole run lives in one private directory."""
     work = str(tmp_path_factory.mktemp("vmcraft-work"))
+    leaks.set_scope(str(tmp_path_factory.getbasetemp()), work)
     old = os.environ.get("VMCRAFT_WORK_DIR")
     os.environ["VMCRAFT_WORK_DIR"] = work
     yield work

@@ -114,3 +114,34 @@ def image_copy(tmp_path: Path) -> Callable[[BuiltImage | str], str]:
         return imagebuild.copy_image(built, tmp_path / "images")
 
     return copy
+
+
+# Real installer layouts with a partition blkid cannot name (tests of the scan).
+
+
+@pytest.fixture(scope="session")
+def gpt_bios_boot_raw() -> BuiltImage:
+    from vmcraft_tasks.samples import layouts
+
+    return _build(layouts.gpt_bios_boot_raw)
+
+
+@pytest.fixture(scope="session")
+def gpt_windows_raw() -> BuiltImage:
+    from vmcraft_tasks.samples import layouts
+
+    return _build(layouts.gpt_windows_raw)
+
+
+@pytest.fixture(scope="session")
+def mbr_empty_between_raw() -> BuiltImage:
+    from vmcraft_tasks.samples import layouts
+
+    return _build(layouts.mbr_empty_between_raw)
+
+
+@pytest.fixture(scope="session")
+def random_first_raw() -> BuiltImage:
+    from vmcraft_tasks.samples import layouts
+
+    return _build(layouts.random_first_raw)

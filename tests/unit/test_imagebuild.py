@@ -210,7 +210,7 @@ def test_builds_left_nothing_attached(
     broken_log_xfs_raw: BuiltImage,
     windows_ntfs_raw: BuiltImage,
 ) -> None:
-    root = str(imagebuild.cache_dir().parent)
+    root = str(imagebuild.cache_dir())  # this builder's images: other builders may be busy
     backing = commands.run(["losetup", "-l", "-n", "-O", "BACK-FILE"]).stdout.split()
     assert not [b for b in backing if b.startswith(root)]
     with open("/proc/self/mountinfo") as fh:

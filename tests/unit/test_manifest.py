@@ -308,7 +308,7 @@ def test_unknown_keys_at_every_level_name_the_allowed_ones(base: Path) -> None:
             "defaults.id: unknown key 'id' (allowed: target_format, output_dir, options)",
             "vms[0] (web01).colour: unknown key 'colour' "
             "(allowed: id, disks, target_format, output_dir, options)",
-            "vms[0] (web01).options.cpus: unknown key 'cpus' (allowed: fixes, dry_run, host, "
+            "vms[0] (web01).options.cpus: unknown key 'cpus' (allowed: os, fixes, dry_run, host, "
             "host_group, priority, memory_mib, vcpus, network)",
             "vms[0] (web01).disks[0].bus: unknown key 'bus' (allowed: path)",
         ]
@@ -582,3 +582,13 @@ def test_real_probe_refuses_a_text_file_named_vmdk(base: Path) -> None:
     assert (problem.vm, problem.field) == ("db02", "vms[0].disks[0]")
     assert problem.message.startswith(f"{base}/x.vmdk: ")
     assert "unsupported" in problem.message or "not a readable disk image" in problem.message
+
+
+def test_os_none_declares_a_data_only_vm_and_other_values_are_refused(base: Path) -> None:
+    plan = parse(batch(vm(options={"os": "none"})), base)
+    assert plan.vms[0].os == "none"
+    assert VMPlan.from_dict(plan.vms[0].to_dict()).os == "none"
+    assert parse(batch(vm()), base).vms[0].os == "auto"
+    assert lines_of(batch(vm(options={"os": "linux"})), base) == [
+        "vms[0] (web01).options.os: must be one of auto, none (none: a data-only VM), not 'linux'"
+    ]

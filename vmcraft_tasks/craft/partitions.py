@@ -12,6 +12,32 @@ from vmcraft_tasks.craft.errors import CommandError, PartitionError
 # MBR type codes that mark an extended partition (a container for logical ones).
 EXTENDED_MBR_TYPES = frozenset({"5", "f", "85"})
 
+# Partition types whose contents blkid often cannot name (no filesystem signature
+# by design): the scan reports them by what the table says they are.
+KNOWN_TYPES: dict[str, str] = {
+    "21686148-6449-6e6f-744e-656564454649": "BIOS boot partition",
+    "e3c9e316-0b5c-4db8-817d-f92df00215ae": "Microsoft reserved partition",
+    "c12a7328-f81f-11d2-ba4b-00a0c93ec93b": "EFI system partition",
+    "de94bba4-06d1-4d40-a16a-bfd50179d6ac": "Windows recovery partition",
+    "5808c8aa-7e8f-42e0-85d2-e1e90434cfb3": "Windows LDM metadata",
+    "af9b60a0-1431-4f62-bc68-3311714a69ad": "Windows LDM data",
+    "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f": "Linux swap",
+    "e6d6d379-f507-44c2-a23c-238f2a3df928": "Linux LVM",
+    "a19d880f-05fc-4d3b-a006-743f0f84911e": "Linux RAID",
+    "ca7d7ccb-63ed-4c53-861c-1742536059cc": "Linux LUKS",
+    "0fc63daf-8483-4772-8e79-3d69d8477de4": "Linux filesystem",
+    "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7": "Microsoft basic data",
+    "82": "Linux swap",
+    "83": "Linux",
+    "8e": "Linux LVM",
+    "fd": "Linux RAID",
+    "ef": "EFI system partition",
+    "7": "NTFS/exFAT/HPFS",
+    "27": "hidden recovery partition",
+    "42": "Windows LDM",
+    "0": "empty",
+}
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -36,6 +62,11 @@ class Partition:
     @property
     def size_bytes(self) -> int:
         return self.size_sectors * self.sector_size
+
+    @property
+    def type_name(self) -> str:
+        """What the partition table says this partition is, in words."""
+        return KNOWN_TYPES.get(self.type.lower(), f"type {self.type}")
 
     @property
     def logical(self) -> bool:

@@ -32,7 +32,7 @@ from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.images import ImageInfo
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect_disk import DiskReport, inspect_disk
-from vmcraft_tasks.craft.mount import ladder, parallel
+from vmcraft_tasks.craft.mount import ladder, parallel, tree
 from vmcraft_tasks.craft.mount.host import kernel_filesystems
 from vmcraft_tasks.craft.mount.ladder import MountResult
 from vmcraft_tasks.craft.mount.plan import EXT_TYPES, default_options
@@ -341,6 +341,10 @@ class VMCraft:
                     found.setdefault("PARTUUID", part.uuid)
                 if part.name:
                     found.setdefault("PARTLABEL", part.name)
+                if not found.get("TYPE"):
+                    found[probe.CONTENT_TAG] = probe.describe_unidentified(
+                        found, part.type_name, probe.read_head(device)
+                    )
                 self.cache.set(self._blkid_key(part.number), found, self.cache_ttl.blkid_s)
                 tags[part.number] = found
         return tags
@@ -500,6 +504,20 @@ class VMCraft:
     def inspect_os(self, max_workers: int = 4) -> list[OSInfo]:
         """The operating systems found on this disk, one per root filesystem."""
         return self.inspect(max_workers=max_workers).roots
+
+    def mount_guest_tree(self, root: OSInfo, mounts: dict[int, MountResult]) -> list[str]:
+        """Bind the guest's other filesystems inside its root mount where its fstab puts
+        them (/boot, /var, ...), so the root mount shows the guest's whole tree.
+
+        `mounts` are the private mounts made by `mount_all_parallel`/`inspect`;
+        returns notes on fstab entries that could not be placed.
+        """
+        root_mount = mounts.get(root.root_partition)
+        if root_mount is None or not root_mount.ok:
+            raise VMCraftError(f"partition {root.root_partition} (the guest root) is not mounted")
+        mounted = {n: m.mountpoint for n, m in mounts.items() if m.ok}
+        binds, notes = tree.tree_mounts(root.fstab, mounted, root_partition=root.root_partition)
+        return notes + tree.assemble(root_mount.mountpoint, binds, self._tracker)
 
     def guest(self, root: OSInfo | int) -> GuestFS:
         """Safe file access inside an inspected root: guest symlinks never reach the host."""
