@@ -1,4 +1,4 @@
-"""The demo batch: realistic sample images, a few of them broken on purpose."""
+"""The demo batch: real installed guests, a data disk, and a few VMs broken on purpose."""
 
 from __future__ import annotations
 
@@ -6,27 +6,30 @@ import os
 
 import yaml
 
-from vmcraft_tasks.samples import imagebuild
+from vmcraft_tasks.samples import bootable, imagebuild
 
 
 def demo_manifest(directory: str) -> dict[str, object]:
-    """Debian on GPT (VMDK) with /dev/sdX in fstab, Rocky on MBR logical partitions,
-    Windows on NTFS, an ext4 with a dirty journal, a corrupt VMDK and a missing disk."""
-    linux = imagebuild.linux_gpt_vmdk()
-    rocky = imagebuild.mbr_logical_raw()
+    """Two real Debian 12 guests (debootstrap + grub-install, GPT with a BIOS boot
+    partition, /dev/sdX in fstab, exported as VMDK; one with a VMware-only initramfs),
+    Windows on NTFS without virtio drivers, a data-only disk, a disk with no OS, a
+    corrupt VMDK and a missing disk."""
+    debian = bootable.bootable_debian_bios()
+    legacy = bootable.bootable_debian_bios_modules_list()
     windows = imagebuild.windows_ntfs_raw()
-    dirty = imagebuild.dirty_ext4_raw()
+    data = imagebuild.dirty_ext4_raw()
     corrupt = imagebuild.corrupt_vmdk()
     return {
         "batch": "demo",
         "defaults": {"options": {"memory_mib": 2048, "vcpus": 2}},
         "vms": [
-            {"id": "web01", "disks": [linux.path], "options": {"priority": 10}},
-            {"id": "db02", "disks": [rocky.path], "options": {"priority": 5}},
+            {"id": "web01", "disks": [debian.path], "options": {"priority": 10}},
+            {"id": "legacy02", "disks": [legacy.path], "options": {"priority": 5}},
             {"id": "win03", "disks": [windows.path]},
-            {"id": "dirty04", "disks": [dirty.path], "options": {"dry_run": True}},
-            {"id": "broken05", "disks": [corrupt.path]},
-            {"id": "gone06", "disks": [os.path.join(directory, "missing", "gone06.vmdk")]},
+            {"id": "data04", "disks": [data.path], "options": {"os": "none"}},
+            {"id": "blank05", "disks": [data.path]},
+            {"id": "broken06", "disks": [corrupt.path]},
+            {"id": "gone07", "disks": [os.path.join(directory, "missing", "gone07.vmdk")]},
         ],
     }
 

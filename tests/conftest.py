@@ -11,7 +11,7 @@ import pytest
 from tests import leaks
 from vmcraft_tasks.embedded.redis import RedisServer, redis_server
 
-pytest_plugins = ["tests.conftest_images"]
+pytest_plugins = ["tests.conftest_images", "tests.conftest_bootable"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vmcraft_tasks.craft.guestcaps import caps_or_unknown
 from vmcraft_tasks.craft.libvirt import (
     DiskSpec,
     DomainSpec,
@@ -40,7 +41,10 @@ def has_esp(partitions: Sequence[Mapping[str, Any]]) -> bool:
 
 
 def domain_spec(vm: Mapping[str, Any], report: Mapping[str, Any]) -> DomainSpec:
-    """The KVM domain for a migrated VM (pure): its converted disks, its guest's needs."""
+    """The KVM domain for a migrated VM (pure): its converted disks, and devices from
+    what the guest can use (`report["guestcaps"]`, a `GuestCaps.to_dict()` of the guest
+    after its fixes). A report without them gets SATA and e1000e, which boot without
+    virtio drivers, and the XML's metadata says why."""
     disks = [
         DiskSpec(path=d["target"], format=vm["target_format"], target_dev=f"vd{chr(ord('a') + i)}")
         for i, d in enumerate(vm["disks"])
@@ -55,13 +59,15 @@ def domain_spec(vm: Mapping[str, Any], report: Mapping[str, Any]) -> DomainSpec:
         networks=[NetSpec(network=vm.get("network") or "default")],
         os_info=os_info,
     )
-    return defaults_from_guest(os_info, has_esp(report.get("partitions") or [])).apply(spec)
+    caps = caps_or_unknown(report.get("guestcaps"))
+    return defaults_from_guest(os_info, has_esp(report.get("partitions") or []), caps).apply(spec)
 
 
 def write_domain_xml(vm: Mapping[str, Any], report: Mapping[str, Any]) -> str:
     """Write `<output_dir>/<vm>.xml`, checked against libvirt's schema when the validator
     is installed; returns its path."""
-    xml = render_domain(domain_spec(vm, report))
+    spec = domain_spec(vm, report)
+    xml = render_domain(spec)
     if shutil.which("virt-xml-validate"):
         validate_domain_xml(xml)
     path = os.path.join(vm["output_dir"], f"{vm['id']}.xml")
@@ -124,6 +130,10 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
         os_facts=result.get("roots") or [],
         fixes=fixes,
         libvirt_xml=result.get("libvirt_xml"),
+        data_only=bool(result.get("data_only")),
+        guestcaps=result.get("guestcaps"),
+        initramfs=(result.get("preparation") or {}).get("initramfs"),
+        notes=result.get("fix_notes") or [],
     )
 
 

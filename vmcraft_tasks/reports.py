@@ -131,6 +131,10 @@ def vm_report(
     os_facts: Sequence[Record] = (),
     fixes: Sequence[Mapping[str, Any]] = (),
     libvirt_xml: str | None = None,
+    data_only: bool = False,
+    guestcaps: Mapping[str, Any] | None = None,
+    initramfs: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The report of one VM from the pieces its steps produced.
 
@@ -163,6 +167,12 @@ def vm_report(
         },
         "os": [_plain(o) for o in os_facts],
         "fixes": [dict(f) for f in fixes],
+        # Devices the domain got and why (compatibility mode reasons included).
+        "guestcaps": dict(guestcaps) if guestcaps else None,
+        # Per kernel: generator, module lists before and after, the kept old image.
+        "initramfs": dict(initramfs) if initramfs else None,
+        "data_only": data_only,
+        "notes": list(notes),
         "libvirt_xml": libvirt_xml,
     }
 
@@ -209,6 +219,14 @@ def _os_label(os_facts: Iterable[Mapping[str, Any]]) -> str | None:
     return "; ".join(labels) or None
 
 
+def _devices_label(caps: Mapping[str, Any] | None) -> str | None:
+    if not caps:
+        return None
+    label = f"{caps.get('block_bus')}/{caps.get('net_model')}"
+    compatibility = caps.get("block_bus") != "virtio" or caps.get("net_model") != "virtio"
+    return label + (" (compatibility)" if compatibility else "")
+
+
 def _reason(report: Mapping[str, Any]) -> str | None:
     if report.get("error"):
         return str(report["error"])
@@ -225,7 +243,8 @@ def _row(report: Mapping[str, Any]) -> dict[str, Any]:
         "vm_id": report["vm_id"],
         "status": report["status"],
         "host": report.get("host"),
-        "os": _os_label(report.get("os") or []),
+        "os": "data-only" if report.get("data_only") else _os_label(report.get("os") or []),
+        "devices": _devices_label(report.get("guestcaps")),
         "disks": len(disks),
         # Only a total over every disk: a partial sum would understate the VM.
         "disk_bytes": sum(s for s in sizes if s is not None)
@@ -349,13 +368,14 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     lines += _table(
-        ("VM", "status", "host", "OS", "disks", "fixes", "time", "reason"),
+        ("VM", "status", "host", "OS", "devices", "disks", "fixes", "time", "reason"),
         (
             (
                 _cell(row["vm_id"]),
                 _cell(row["status"]),
                 _cell(row["host"]),
                 _cell(row["os"]),
+                _cell(row.get("devices")),
                 _disks_cell(row),
                 _fixes_cell(row),
                 _duration(row["total_s"]),

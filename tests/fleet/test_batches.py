@@ -51,16 +51,18 @@ def wait_finished(client, batch, timeout_s=180):
 def test_mixed_batch_converts_fixes_reports_and_keeps_sources(
     client,
     tmp_path,
-    linux_gpt_vmdk,
+    bootable_bios,
     dirty_ext4_raw,
     dirty_xfs_raw,
     windows_ntfs_raw,
     mbr_logical_raw,
     corrupt_vmdk,
 ):
+    """`done` only where it is true: a real guest fixed and rebuilt, a declared data
+    disk, Windows in compatibility mode; everything else fails with its reason."""
     sources = {
-        "web01": linux_gpt_vmdk.path,
-        "dirty02": dirty_ext4_raw.path,
+        "web01": bootable_bios.path,
+        "data02": dirty_ext4_raw.path,
         "xfs03": dirty_xfs_raw.path,
         "win04": windows_ntfs_raw.path,
         "db05": mbr_logical_raw.path,
@@ -68,23 +70,22 @@ def test_mixed_batch_converts_fixes_reports_and_keeps_sources(
         "gone07": str(tmp_path / "nowhere" / "gone07.vmdk"),
     }
     sums = {vm: sha256_file(p) for vm, p in sources.items() if os.path.exists(p)}
-    manifest = write_manifest(
-        tmp_path,
-        {
-            "batch": "mixed",
-            "vms": [{"id": vm, "disks": [path]} for vm, path in sources.items()],
-        },
-    )
+    vms = [{"id": vm, "disks": [path]} for vm, path in sources.items()]
+    vms[1]["options"] = {"os": "none"}
+    manifest = write_manifest(tmp_path, {"batch": "mixed", "vms": vms})
     batch = submit_batch(client, manifest)
-    status = wait_finished(client, batch)
+    status = wait_finished(client, batch, timeout_s=600)
     states = {vm.vm_id: (vm.status, vm.error) for vm in status.vms}
-    assert {vm for vm, (s, _) in states.items() if s == "done"} == {
-        "web01",
-        "dirty02",
-        "xfs03",
-        "win04",
-        "db05",
-    }, states
+    assert {vm for vm, (s, _) in states.items() if s == "done"} == {"web01", "data02", "win04"}, (
+        states
+    )
+    assert states["xfs03"] == (
+        "failed",
+        "no operating system found on the boot disk xfs03-disk0.qcow2 (partition 1: xfs); "
+        "declare options.os: none for a data-only VM",
+    )
+    # A guest tree without a kernel (the Rocky sample) is known not to boot.
+    assert states["db05"][0] == "failed" and "no bootable kernel" in states["db05"][1], states
     assert states["bad06"][0] == "failed" and "not a readable disk image" in states["bad06"][1]
     assert states["gone07"][0] == "failed" and "no such file" in states["gone07"][1]
 
@@ -93,37 +94,43 @@ def test_mixed_batch_converts_fixes_reports_and_keeps_sources(
 
     out = tmp_path / "mixed"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["by_status"] == {"done": 5, "failed": 2}
-    assert "| web01 |" in (out / "summary.md").read_text()
+    assert summary["counts"]["by_status"] == {"done": 3, "failed": 4}
+    markdown = (out / "summary.md").read_text()
+    assert "| web01 | done |" in markdown and "| data02 | done | " in markdown
+    assert "data-only" in markdown and "sata/e1000e (compatibility)" in markdown
 
-    # The converted Debian disk was fixed: fstab names no /dev/sdX, the report says how.
+    # The converted Debian disk was fixed: fstab names no /dev/sdX, the report says how,
+    # and its initramfs was rebuilt in the sandbox and verified.
     report = json.loads((out / "web01.json").read_text())
-    fstab_fixes = [f for f in report["fixes"] if "fstab" in (f["name"] + str(f["target"]))]
+    fstab_fixes = [f for f in report["fixes"] if f["name"] == "fstab"]
     assert fstab_fixes and all(f["applied"] for f in fstab_fixes)
+    (kernel,) = report["initramfs"]["kernels"]
+    assert kernel["verified"] and kernel["action"] == "rebuilt"
+    assert report["guestcaps"]["block_bus"] == "virtio"
     target = report["disks"][0]["target"]
     assert target.endswith(".qcow2") and os.path.exists(target)
     with VMCraft(target) as g:
         (root,) = g.inspect_os()
         fstab = g.guest(root).cat("/etc/fstab")
     assert "/dev/sda" not in fstab
-    assert f"UUID={linux_gpt_vmdk.notes['fs_uuids'][3]}" in fstab
+    assert f"UUID={bootable_bios.notes.root_uuid}" in fstab
 
-    # Domain XML for every VM that finished, valid against libvirt's schema.
-    for vm in ("web01", "dirty02", "xfs03", "win04", "db05"):
-        xml = out / f"{vm}.xml"
-        commands.run(["virt-xml-validate", str(xml), "domain"], timeout=60)
-    assert (
-        "<loader" in (out / "web01.xml").read_text()
-        or 'firmware="efi"' in (out / "web01.xml").read_text()
-    )
-    # The Windows guest gets no Linux fixes, and the report says why.
+    # Domain XML for every VM that boots, valid against libvirt's schema; none for data.
+    for vm in ("web01", "win04"):
+        commands.run(["virt-xml-validate", str(out / f"{vm}.xml"), "domain"], timeout=60)
+    assert not (out / "data02.xml").exists()
+    data = json.loads((out / "data02.json").read_text())
+    assert data["data_only"] is True and data["libvirt_xml"] is None
+    # Windows gets no Linux fixes; without virtio drivers it gets devices it can boot.
     win = json.loads((out / "win04.json").read_text())
     assert win["fixes"] == [] and win["os"][0]["type"] == "windows"
+    assert (win["guestcaps"]["block_bus"], win["guestcaps"]["net_model"]) == ("sata", "e1000e")
+    assert 'bus="sata"' in (out / "win04.xml").read_text()
 
 
 def test_priority_orders_vms_and_the_batch_limit_holds(client, tmp_path, linux_gpt_raw, fleet):
     vms = [
-        {"id": f"vm{i}", "disks": [linux_gpt_raw.path], "options": {"priority": p, "fixes": False}}
+        {"id": f"vm{i}", "disks": [linux_gpt_raw.path], "options": {"priority": p, "os": "none"}}
         for i, p in enumerate([1, 5, 3])
     ]
     manifest = write_manifest(
@@ -148,7 +155,7 @@ def test_priority_orders_vms_and_the_batch_limit_holds(client, tmp_path, linux_g
 
 def test_cancel_then_resume_runs_only_what_did_not_finish(client, tmp_path, twenty_parts_raw):
     vms = [
-        {"id": f"c{i}", "disks": [twenty_parts_raw.path], "options": {"fixes": False}}
+        {"id": f"c{i}", "disks": [twenty_parts_raw.path], "options": {"os": "none"}}
         for i in range(4)
     ]
     manifest = write_manifest(
@@ -177,7 +184,11 @@ def test_cancel_then_resume_runs_only_what_did_not_finish(client, tmp_path, twen
 
 def test_watch_ends_with_the_batch(client, tmp_path, mbr_logical_raw, capsys):
     manifest = write_manifest(
-        tmp_path, {"batch": "watched", "vms": [{"id": "w1", "disks": [mbr_logical_raw.path]}]}
+        tmp_path,
+        {
+            "batch": "watched",
+            "vms": [{"id": "w1", "disks": [mbr_logical_raw.path], "options": {"os": "none"}}],
+        },
     )
     batch = submit_batch(client, manifest)
     out = io.StringIO()
@@ -191,12 +202,12 @@ def test_pinned_vms_run_only_on_their_host_and_groups_within_the_group(
     client, tmp_path, mbr_logical_raw
 ):
     vms = [
-        {"id": "pin1", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "fixes": False}},
-        {"id": "pin2", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "fixes": False}},
+        {"id": "pin1", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "os": "none"}},
+        {"id": "pin2", "disks": [mbr_logical_raw.path], "options": {"host": "h2", "os": "none"}},
         {
             "id": "grp3",
             "disks": [mbr_logical_raw.path],
-            "options": {"host_group": ["h1"], "fixes": False},
+            "options": {"host_group": ["h1"], "os": "none"},
         },
     ]
     batch = submit_batch(client, write_manifest(tmp_path, {"batch": "pinned", "vms": vms}))

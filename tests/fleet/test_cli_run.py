@@ -31,7 +31,7 @@ def test_demo_runs_the_sample_batch_and_leaves_nothing_running(tmp_path):
         [sys.executable, "-m", "scheduler.cli", "demo", "--directory", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env=env,
         check=False,
     )
@@ -40,11 +40,24 @@ def test_demo_runs_the_sample_batch_and_leaves_nothing_running(tmp_path):
     assert "batch demo [########################] 100.0%" in proc.stdout
     out = tmp_path / "demo" / "demo"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["by_status"] == {"done": 4, "failed": 2}
-    for vm in ("web01", "db02", "win03", "dirty04"):
+    assert summary["counts"]["by_status"] == {"done": 4, "failed": 3}
+    status = {row["vm_id"]: row["status"] for row in summary["vms"]}
+    assert {vm for vm, s in status.items() if s == "done"} == {
+        "web01",
+        "legacy02",
+        "win03",
+        "data04",
+    }
+    for vm in ("web01", "legacy02", "win03"):
         assert (out / f"{vm}.xml").exists() and (out / f"{vm}-disk0.qcow2").exists()
-    dry = json.loads((out / "dirty04.json").read_text())
-    assert dry["status"] == "done"
+    data = json.loads((out / "data04.json").read_text())
+    assert data["data_only"] and not (out / "data04.xml").exists()
+    blank = json.loads((out / "blank05.json").read_text())
+    assert blank["error"].startswith("no operating system found on the boot disk blank05-disk0")
+    for vm in ("web01", "legacy02"):
+        report = json.loads((out / f"{vm}.json").read_text())
+        assert report["guestcaps"]["block_bus"] == "virtio"
+        assert all(k["verified"] for k in report["initramfs"]["kernels"])
     # The private redis-server and workers are gone.
     assert not leaks.snapshot().new_since(before)
     assert redis_servers() <= servers_before

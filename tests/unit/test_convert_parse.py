@@ -292,3 +292,15 @@ def test_run_streaming_decodes_utf8_split_across_reads():
     # "é" is two bytes; the pause makes them arrive in two reads.
     run_streaming(_sh(r'printf "\303"; sleep 0.2; printf "\251\n"'), on_output=seen.append)
     assert seen == ["é"]
+
+
+def test_run_timeout_kills_the_command_and_its_children(tmp_path):
+    from vmcraft_tasks.craft.commands import run
+
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(CommandError) as info:
+        run(_sh(f"echo oops >&2; sleep 30 & echo $! > {pidfile}; wait"), timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert info.value.timed_out and "oops" in info.value.stderr
+    assert _wait_dead(int(pidfile.read_text()))

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes.bootloader import initramfs_copy_note
 from vmcraft_tasks.craft.fixes.distros import (
     AlmaFixer,
     CentosFixer,
@@ -480,3 +481,251 @@ def test_no_fixer_for_windows_or_unknown(tmp_path: Path, os_type: str) -> None:
     assert report.fixer is None and report.applied == () and report.notes == (reason,)
     if os_type == "windows":
         assert "Windows" in reason
+
+
+# -- boot path: kernel command lines, resume, crypttab -----------------------------
+
+LUKS = "c0ffee00-1234-4abc-8def-0123456789ab"
+BOOT_FILESYSTEMS = [*FILESYSTEMS, Filesystem(6, "crypto_LUKS", uuid=LUKS)]
+BOOT_PARTITIONS = [*PARTITIONS, Partition(6, 2048 * 6, 2048, 512, "83", "dos")]
+BOOT_STEPS = ["fix_kernel_cmdline", "fix_resume", "fix_crypttab"]
+
+DEBIAN_GRUB_CFG = (
+    "### BEGIN /etc/grub.d/10_linux ###\n"
+    "menuentry 'Debian GNU/Linux' --class debian --class gnu-linux $menuentry_id_option "
+    "'gnulinux-simple' {\n"
+    "\tinsmod part_msdos\n"
+    "\tset root='hd0,msdos2'\n"
+    f"\t  search --no-floppy --fs-uuid --set=root {BOOT}\n"
+    "\tlinux\t/vmlinuz-6.1.0-18-amd64 root=/dev/sda1 ro  quiet resume=/dev/sda5\n"
+    "\tinitrd\t/initrd.img-6.1.0-18-amd64\n"
+    "}\n"
+    "menuentry 'Old kernel on the second disk' {\n"
+    "\tlinux\t/vmlinuz-5.10.0-28-amd64 root=/dev/sdb1 ro\n"
+    "}\n"
+)
+EFI_STUB = (
+    f"search.fs_uuid {BOOT} root hd0,msdos2\n"
+    "set prefix=($root)'/grub'\n"
+    "configfile $prefix/grub.cfg\n"
+)
+DEFAULT_GRUB = (
+    "GRUB_DEFAULT=0\n"
+    'GRUB_CMDLINE_LINUX_DEFAULT="quiet resume=/dev/sda5"\n'
+    "GRUB_CMDLINE_LINUX='root=/dev/sda1'\n"
+    "GRUB_DISABLE_LINUX_UUID=true\n"
+)
+CRYPTTAB = (
+    "# <target name> <source device> <key file> <options>\n"
+    "sda6_crypt /dev/sda6 none luks,discard\n"
+    "usb_crypt\t/dev/sdb2\tnone\tluks,noauto\n"
+)
+
+
+@pytest.fixture
+def debian_boot(debian: Path) -> Path:
+    _write(debian, "/boot/grub/grub.cfg", DEBIAN_GRUB_CFG, mode=0o444)
+    _write(debian, "/boot/efi/EFI/debian/grub.cfg", EFI_STUB)
+    _write(debian, "/etc/default/grub", DEFAULT_GRUB)
+    _write(debian, "/etc/default/grub.d/50-cloudimg.cfg", 'GRUB_CMDLINE_LINUX="root=/dev/sda1"\n')
+    _write(debian, "/etc/initramfs-tools/conf.d/resume", "RESUME=/dev/sda5\n")
+    _write(debian, "/etc/crypttab", CRYPTTAB)
+    return debian
+
+
+def _boot_records(report: FixReport) -> dict[str, Any]:
+    names = {"grub-cfg", "grub-default", "bls-entry", "grubenv", "kernel-cmdline"}
+    names |= {"initramfs-resume", "crypttab"}
+    return {r.path: r for r in report.applied if r.name in names}
+
+
+def test_every_linux_fixer_runs_the_boot_path_steps() -> None:
+    classes: list[type[Fixer]] = [DebianFixer, UbuntuFixer, RhelFixer, CentosFixer, RockyFixer]
+    classes += [AlmaFixer, FedoraFixer, SuseFixer, GenericLinuxFixer, Fixer]
+    for cls in classes:
+        names = [step.__name__ for step in cls().steps()]
+        assert all(name in names for name in BOOT_STEPS), cls
+    assert [s.__name__ for s in GenericLinuxFixer().steps()].count("fix_kernel_cmdline") == 1
+
+
+def test_debian_boot_path_is_fixed(debian_boot: Path) -> None:
+    report = apply_fixes(
+        GuestFS(str(debian_boot)),
+        _linux("debian"),
+        BOOT_FILESYSTEMS,
+        BOOT_PARTITIONS,
+        dry_run=False,
+    )
+    assert report.failed == ()
+    grub_cfg = debian_boot / "boot/grub/grub.cfg"
+    assert grub_cfg.read_text() == DEBIAN_GRUB_CFG.replace(
+        "root=/dev/sda1 ro  quiet resume=/dev/sda5",
+        f"root=UUID={ROOT} ro  quiet resume=UUID={SWAP}",
+    )
+    assert stat.S_IMODE(grub_cfg.stat().st_mode) == 0o444
+    assert (debian_boot / "etc/default/grub").read_text() == (
+        "GRUB_DEFAULT=0\n"
+        f'GRUB_CMDLINE_LINUX_DEFAULT="quiet resume=UUID={SWAP}"\n'
+        f"GRUB_CMDLINE_LINUX='root=UUID={ROOT}'\n"
+        "GRUB_DISABLE_LINUX_UUID=true\n"
+    )
+    assert (debian_boot / "etc/default/grub.d/50-cloudimg.cfg").read_text() == (
+        f'GRUB_CMDLINE_LINUX="root=UUID={ROOT}"\n'
+    )
+    assert (debian_boot / "etc/initramfs-tools/conf.d/resume").read_text() == (
+        f"RESUME=UUID={SWAP}\n"
+    )
+    assert (debian_boot / "etc/crypttab").read_text() == CRYPTTAB.replace(
+        " /dev/sda6 ", f" UUID={LUKS} "
+    )
+    assert (debian_boot / "boot/efi/EFI/debian/grub.cfg").read_text() == EFI_STUB
+
+    records = _boot_records(report)
+    assert {path: r.changed for path, r in records.items()} == {
+        "/boot/grub/grub.cfg": True,
+        "/boot/efi/EFI/debian/grub.cfg": False,
+        "/etc/default/grub": True,
+        "/etc/default/grub.d/50-cloudimg.cfg": True,
+        "/etc/initramfs-tools/conf.d/resume": True,
+        "/etc/crypttab": True,
+    }
+    grub = records["/boot/grub/grub.cfg"]
+    assert grub.name == "grub-cfg" and grub.before == DEBIAN_GRUB_CFG
+    assert grub.after == grub_cfg.read_text()
+    assert [(c.before, c.after) for c in grub.changes] == [
+        (
+            "\tlinux\t/vmlinuz-6.1.0-18-amd64 root=/dev/sda1 ro  quiet resume=/dev/sda5",
+            f"\tlinux\t/vmlinuz-6.1.0-18-amd64 root=UUID={ROOT} ro  quiet resume=UUID={SWAP}",
+        )
+    ]
+    resume = records["/etc/initramfs-tools/conf.d/resume"]
+    assert (resume.name, resume.before, resume.after) == (
+        "initramfs-resume",
+        "RESUME=/dev/sda5\n",
+        f"RESUME=UUID={SWAP}\n",
+    )
+    assert records["/etc/crypttab"].changes[0].after == f"sda6_crypt UUID={LUKS} none luks,discard"
+
+    boot_skips = [(s.name, s.path, s.reason) for s in report.skipped if s.name != "fstab"]
+    assert boot_skips == [
+        (
+            "grub-cfg",
+            "/boot/grub/grub.cfg",
+            "root=/dev/sdb1: /dev/sdb1 is on another disk of the guest",
+        ),
+        (
+            "crypttab",
+            "/etc/crypttab",
+            "usb_crypt\t/dev/sdb2\tnone\tluks,noauto: /dev/sdb2 is on another disk of the guest",
+        ),
+    ]
+    assert initramfs_copy_note("/etc/initramfs-tools/conf.d/resume") in report.notes
+    assert initramfs_copy_note("/etc/crypttab") in report.notes
+    json.dumps(report.to_dict())
+
+
+def test_debian_boot_path_is_idempotent_and_dry_run_writes_nothing(debian_boot: Path) -> None:
+    fs = GuestFS(str(debian_boot))
+    before = _snapshot(debian_boot)
+    dry = apply_fixes(fs, _linux("debian"), BOOT_FILESYSTEMS, BOOT_PARTITIONS, dry_run=True)
+    assert _snapshot(debian_boot) == before
+    real = apply_fixes(fs, _linux("debian"), BOOT_FILESYSTEMS, BOOT_PARTITIONS, dry_run=False)
+    assert _boot_records(dry).keys() == _boot_records(real).keys()
+    assert [r.after for r in _boot_records(dry).values()] == [
+        r.after for r in _boot_records(real).values()
+    ]
+    again = apply_fixes(fs, _linux("debian"), BOOT_FILESYSTEMS, BOOT_PARTITIONS, dry_run=False)
+    assert not any(r.changed for r in _boot_records(again).values())
+    assert not any("initramfs holds its own copy" in note for note in again.notes)
+
+
+RHEL9_ENTRY = (
+    "title Rocky Linux (5.14.0-362.8.1.el9_3.x86_64) 9.3 (Blue Onyx)\n"
+    "version 5.14.0-362.8.1.el9_3.x86_64\n"
+    "linux /vmlinuz-5.14.0-362.8.1.el9_3.x86_64\n"
+    "initrd /initramfs-5.14.0-362.8.1.el9_3.x86_64.img $tuned_initrd\n"
+    "options root=/dev/sda1 ro crashkernel=1G-4G:192M,4G-64G:256M,64G-:512M "
+    "resume=/dev/sda5 rhgb quiet $tuned_params\n"
+    "grub_users $grub_users\n"
+    "grub_arg --unrestricted\n"
+    "grub_class rocky\n"
+)
+GRUBENV_HEAD = (
+    "# GRUB Environment Block\n"
+    "saved_entry=4b9c1e2f0b2d4a6f8e1c2d3b4a5f6e7d-4.18.0-513.5.1.el8_9.x86_64\n"
+)
+
+
+def _grubenv(kernelopts: str) -> str:
+    body = f"{GRUBENV_HEAD}kernelopts={kernelopts}\nboot_success=0\n"
+    return body + "#" * (1024 - len(body))
+
+
+@pytest.fixture
+def rocky_boot(rocky: Path) -> Path:
+    entries = "/boot/loader/entries"
+    machine = "4b9c1e2f0b2d4a6f8e1c2d3b4a5f6e7d"
+    _write(rocky, f"{entries}/{machine}-5.14.0-362.8.1.el9_3.x86_64.conf", RHEL9_ENTRY)
+    _write(
+        rocky,
+        f"{entries}/{machine}-0-rescue.conf",
+        RHEL9_ENTRY.replace("root=/dev/sda1", "root=/dev/sda2"),
+    )
+    _write(rocky, f"{entries}/README", "root=/dev/sda1\n")
+    # On EFI RHEL 8 keeps grubenv on the ESP and links to it from /boot/grub2.
+    _write(rocky, "/boot/efi/EFI/rocky/grubenv", _grubenv("root=/dev/sda1 ro resume=/dev/sda5"))
+    _link(rocky, "/boot/grub2/grubenv", "../efi/EFI/rocky/grubenv")
+    _write(rocky, "/etc/kernel/cmdline", "root=/dev/sda1 ro resume=/dev/sda5\n")
+    return rocky
+
+
+def test_rocky_bls_grubenv_and_kernel_cmdline_are_fixed(rocky_boot: Path) -> None:
+    report = apply_fixes(
+        GuestFS(str(rocky_boot)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False
+    )
+    assert report.failed == ()
+    entries = rocky_boot / "boot/loader/entries"
+    current = entries / "4b9c1e2f0b2d4a6f8e1c2d3b4a5f6e7d-5.14.0-362.8.1.el9_3.x86_64.conf"
+    assert current.read_text() == RHEL9_ENTRY.replace(
+        "root=/dev/sda1", f"root=UUID={ROOT}"
+    ).replace("resume=/dev/sda5", f"resume=UUID={SWAP}")
+    # The rescue entry's root= contradicts the root found on partition 1: left, reported.
+    rescue = entries / "4b9c1e2f0b2d4a6f8e1c2d3b4a5f6e7d-0-rescue.conf"
+    assert "root=/dev/sda2 " in rescue.read_text()
+    assert (entries / "README").read_text() == "root=/dev/sda1\n"  # not an entry
+
+    grubenv = rocky_boot / "boot/efi/EFI/rocky/grubenv"
+    assert os.path.islink(rocky_boot / "boot/grub2/grubenv")
+    assert grubenv.read_text() == _grubenv(f"root=UUID={ROOT} ro resume=UUID={SWAP}")
+    assert grubenv.stat().st_size == 1024
+    assert (rocky_boot / "etc/kernel/cmdline").read_text() == (
+        f"root=UUID={ROOT} ro resume=UUID={SWAP}\n"
+    )
+
+    records = _boot_records(report)
+    assert records["/boot/grub2/grubenv"].note == (
+        "/boot/grub2/grubenv resolves to /boot/efi/EFI/rocky/grubenv in the guest: edited that"
+    )
+    assert [(r.name, r.changed) for r in records.values()] == [
+        ("bls-entry", True),
+        ("bls-entry", True),  # resume= in the rescue entry still maps
+        ("grubenv", True),
+        ("kernel-cmdline", True),
+    ]
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        (
+            "bls-entry",
+            "root=/dev/sda2: /dev/sda2 is partition 2 but the root filesystem was found on "
+            "partition 1: the guest's disk names cannot be trusted",
+        )
+    ]
+    assert not any("initramfs holds its own copy" in note for note in report.notes)
+
+
+def test_grubenv_without_room_is_skipped_byte_exact(rocky: Path) -> None:
+    full = "# GRUB Environment Block\nkernelopts=root=/dev/sda1\n"
+    _write(rocky, "/boot/grub2/grubenv", full)
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    assert (rocky / "boot/grub2/grubenv").read_text() == full
+    assert [(s.name, s.path) for s in report.skipped] == [("grubenv", "/boot/grub2/grubenv")]
+    assert "padding" in report.skipped[0].reason

@@ -1,6 +1,9 @@
 """libvirt domain XML: golden files, guest-derived defaults, osinfo ids, spec checks.
 
-Golden files live in tests/golden as <case>-in.json / <case>-out.xml. After an
+Golden files live in tests/golden as <case>-in.json / <case>-out.xml. An input
+carries the guest's capabilities either as the report records them ("guestcaps", a
+GuestCaps.to_dict()) or as the facts they are derived from ("kernels" for Linux,
+"windows_drivers" for Windows), so the derivation is golden-tested too. After an
 intended change to the output, regenerate them with
     VMCRAFT_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_libvirt_xml.py
 and review the diff of the .xml files. Every rendered document is also checked
@@ -20,10 +23,19 @@ import pytest
 
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.errors import CommandError
+from vmcraft_tasks.craft.guestcaps import (
+    CAPS_UNKNOWN,
+    CAPS_UNKNOWN_REASON,
+    GuestCaps,
+    KernelDrivers,
+    WindowsDrivers,
+    linux_caps,
+    windows_caps,
+)
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.libvirt import (
+    GUESTCAPS_NS,
     LIBOSINFO_NS,
-    WINDOWS_VIRTIO_NOTE,
     DiskSpec,
     DomainSpec,
     DomainSpecError,
@@ -35,12 +47,23 @@ from vmcraft_tasks.craft.libvirt import (
     domain_uuid,
     osinfo_for,
     render_domain,
+    target_dev_for,
     validate_domain_file,
     validate_domain_xml,
 )
+from vmcraft_tasks.outputs import write_domain_xml
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-CASES = ["debian12-bios-1disk", "rocky9-uefi-2disks", "windows2019-uefi"]
+CASES = [
+    "debian12-bios-1disk",
+    "rocky9-uefi-2disks",
+    "windows2019-uefi",
+    "almalinux8-virtio-initramfs",
+    "debian11-custom-kernel-no-virtio",
+    "rhel8-uefi-sata-virtio-net",
+    "windows2022-uefi-no-virtio",
+    "windows2016-bios-viostor-netkvm",
+]
 REGEN = os.environ.get("VMCRAFT_REGEN_GOLDEN") == "1"
 
 DEBIAN12 = OSInfo(root_partition=1, type="linux", distro="debian", major=12, minor=0).to_dict()
@@ -57,6 +80,23 @@ WIN2019 = OSInfo(
 ).to_dict()
 
 
+VIRTIO = GuestCaps("virtio", "virtio", True, True, evidence=("drivers seen",))
+SATA_ONLY = GuestCaps(
+    "sata", "virtio", False, True, reasons=("kernel 1: virtio_blk missing: disks on SATA",)
+)
+G = f"{{{GUESTCAPS_NS}}}"
+
+
+def caps_from_case(data: dict[str, Any]) -> GuestCaps | None:
+    if "kernels" in data:
+        return linux_caps([KernelDrivers.from_dict(k) for k in data["kernels"]])
+    if "windows_drivers" in data:
+        return windows_caps(WindowsDrivers.from_dict(data["windows_drivers"]))
+    if "guestcaps" in data:
+        return GuestCaps.from_dict(data["guestcaps"])
+    return None
+
+
 def spec_from_case(data: dict[str, Any]) -> DomainSpec:
     """The pipeline's path: caller facts -> DomainSpec -> guest defaults applied."""
     spec = DomainSpec(
@@ -67,7 +107,8 @@ def spec_from_case(data: dict[str, Any]) -> DomainSpec:
         networks=[NetSpec(**n) for n in data["networks"]],
         os_info=data["os_info"],
     )
-    return defaults_from_guest(data["os_info"], data["has_esp"]).apply(spec)
+    caps = caps_from_case(data)
+    return defaults_from_guest(data["os_info"], data["has_esp"], caps).apply(spec)
 
 
 def make_spec(**overrides: Any) -> DomainSpec:
@@ -107,6 +148,38 @@ def test_golden(case: str) -> None:
 def test_golden_cases_cover_every_input_file() -> None:
     inputs = sorted(p.name.removesuffix("-in.json") for p in GOLDEN.glob("*-in.json"))
     assert inputs == sorted(CASES)
+
+
+@pytest.mark.parametrize(
+    ("case", "bus", "model"),
+    [
+        ("debian12-bios-1disk", "virtio", "virtio"),
+        ("rocky9-uefi-2disks", "virtio", "virtio"),
+        ("windows2019-uefi", "virtio", "virtio"),
+        ("almalinux8-virtio-initramfs", "virtio", "virtio"),
+        ("debian11-custom-kernel-no-virtio", "sata", "e1000e"),
+        ("rhel8-uefi-sata-virtio-net", "sata", "virtio"),
+        ("windows2022-uefi-no-virtio", "sata", "e1000e"),
+        ("windows2016-bios-viostor-netkvm", "virtio", "virtio"),
+    ],
+)
+def test_golden_devices_follow_the_caps(case: str, bus: str, model: str) -> None:
+    """What each golden file is for, stated apart from the (regenerable) output."""
+    root = parse((GOLDEN / f"{case}-out.xml").read_text())
+    prefix = {"virtio": "vd", "sata": "sd"}[bus]
+    for target in root.findall("devices/disk/target"):
+        assert target.get("bus") == bus
+        assert (target.get("dev") or "").startswith(prefix)
+    assert {m.get("type") for m in root.findall("devices/interface/model")} == {model}
+    caps = root.find(f"metadata/{G}guestcaps")
+    assert caps is not None
+    block, net = caps.find(f"{G}block"), caps.find(f"{G}net")
+    assert block is not None and net is not None
+    assert (block.get("bus"), net.get("model")) == (bus, model)
+    # Every compatibility-mode choice is explained in the XML itself.
+    reasons = [r.text or "" for r in caps.findall(f"{G}reason")]
+    assert any("SATA" in r for r in reasons) == (bus == "sata")
+    assert any("e1000e" in r for r in reasons) == (model == "e1000e")
 
 
 def test_rendering_is_deterministic() -> None:
@@ -258,7 +331,9 @@ def test_special_characters_in_name_are_escaped_and_valid() -> None:
 
 
 def test_windows_gets_hyperv_localtime_and_vga() -> None:
-    spec = defaults_from_guest(WIN2019, has_esp=False).apply(make_spec(os_info=WIN2019))
+    spec = defaults_from_guest(WIN2019, has_esp=False, caps=VIRTIO).apply(
+        make_spec(os_info=WIN2019)
+    )
     root = parse(render_domain(spec))
     assert root.find("features/hyperv/relaxed") is not None
     clock = root.find("clock")
@@ -271,7 +346,9 @@ def test_windows_gets_hyperv_localtime_and_vga() -> None:
 
 
 def test_linux_gets_no_hyperv_and_utc() -> None:
-    spec = defaults_from_guest(DEBIAN12, has_esp=False).apply(make_spec(os_info=DEBIAN12))
+    spec = defaults_from_guest(DEBIAN12, has_esp=False, caps=VIRTIO).apply(
+        make_spec(os_info=DEBIAN12)
+    )
     root = parse(render_domain(spec))
     assert root.find("features/hyperv") is None
     clock = root.find("clock")
@@ -284,26 +361,35 @@ def test_linux_gets_no_hyperv_and_utc() -> None:
 
 @pytest.mark.parametrize("has_esp", [True, False])
 def test_uefi_follows_the_esp(has_esp: bool) -> None:
-    defaults = defaults_from_guest(DEBIAN12, has_esp=has_esp)
+    defaults = defaults_from_guest(DEBIAN12, has_esp=has_esp, caps=VIRTIO)
     assert defaults.uefi is has_esp
     assert (defaults.machine, defaults.disk_bus, defaults.net_model) == ("q35", "virtio", "virtio")
 
 
-def test_windows_defaults_use_virtio_and_note_the_drivers() -> None:
-    defaults = defaults_from_guest(WIN2019, has_esp=True)
+@pytest.mark.parametrize("os_info", [DEBIAN12, WIN2019], ids=["linux", "windows"])
+def test_devices_come_from_the_caps_not_the_os(os_info: dict[str, Any]) -> None:
+    for caps in (VIRTIO, SATA_ONLY, CAPS_UNKNOWN):
+        defaults = defaults_from_guest(os_info, has_esp=True, caps=caps)
+        assert (defaults.disk_bus, defaults.net_model) == (caps.block_bus, caps.net_model)
+        assert defaults.caps is caps
+
+
+def test_windows_keeps_its_os_defaults_whatever_the_caps() -> None:
+    defaults = defaults_from_guest(WIN2019, has_esp=True, caps=VIRTIO)
     assert defaults == GuestDefaults(
-        uefi=True,
-        disk_bus="virtio",
-        net_model="virtio",
-        hyperv=True,
-        clock_offset="localtime",
-        video_model="vga",
-        notes=(WINDOWS_VIRTIO_NOTE,),
+        uefi=True, caps=VIRTIO, hyperv=True, clock_offset="localtime", video_model="vga"
     )
+
+
+def test_without_caps_the_guest_gets_compatibility_devices() -> None:
+    defaults = defaults_from_guest(WIN2019, has_esp=True)
+    assert defaults.caps == CAPS_UNKNOWN
+    assert (defaults.disk_bus, defaults.net_model) == ("sata", "e1000e")
 
 
 def test_no_os_found_still_gives_defaults() -> None:
     assert defaults_from_guest(None, has_esp=False) == GuestDefaults(uefi=False)
+    assert GuestDefaults(uefi=False).caps == CAPS_UNKNOWN
 
 
 @pytest.mark.parametrize(
@@ -325,12 +411,137 @@ def test_apply_overrides_guest_choices_and_keeps_the_rest() -> None:
         networks=[NetSpec(network="lan", model="e1000", mac="52:54:00:00:00:01")],
         notes=("from caller",),
     )
-    applied = defaults_from_guest(WIN2019, has_esp=True).apply(spec)
+    applied = defaults_from_guest(WIN2019, has_esp=True, caps=VIRTIO).apply(spec)
     assert applied.uefi and applied.hyperv
     assert applied.networks == [NetSpec(network="lan", model="virtio", mac="52:54:00:00:00:01")]
     assert applied.disks == spec.disks
     assert (applied.name, applied.memory_mib, applied.vcpus) == ("vm1", 1024, 1)
-    assert applied.notes == ("from caller", WINDOWS_VIRTIO_NOTE)
+    assert applied.notes == ("from caller",)
+    assert applied.guestcaps is VIRTIO
+
+
+def test_sata_disks_are_renamed_sdx_and_back() -> None:
+    spec = make_spec(
+        disks=[DiskSpec("/i/a.qcow2", "qcow2", "vda"), DiskSpec("/i/b.raw", "raw", "vdc")]
+    )
+    sata = defaults_from_guest(DEBIAN12, has_esp=False, caps=SATA_ONLY).apply(spec)
+    assert [(d.bus, d.target_dev) for d in sata.disks] == [("sata", "sda"), ("sata", "sdc")]
+    assert [n.model for n in sata.networks] == ["virtio"]
+    # Applying other caps replaces the first choice entirely, targets included.
+    back = defaults_from_guest(DEBIAN12, has_esp=False, caps=VIRTIO).apply(sata)
+    assert back.disks == spec.disks
+    assert back.guestcaps is VIRTIO
+
+
+def test_target_dev_for() -> None:
+    assert target_dev_for("sata", "vdb") == "sdb"
+    assert target_dev_for("virtio", "sdaa") == "vdaa"
+    assert target_dev_for("virtio", "vda") == "vda"
+    with pytest.raises(DomainSpecError, match="target"):
+        target_dev_for("sata", "hda")
+
+
+# --- guestcaps metadata ---------------------------------------------------------------
+
+
+def test_guestcaps_metadata_explains_compatibility_mode() -> None:
+    caps = GuestCaps.compatibility(
+        "no boot-start virtio-blk driver: disks on SATA",
+        "no virtio-net driver: NIC is e1000e",
+        evidence=("ControlSet001\\Services: viostor service not registered",),
+    )
+    spec = defaults_from_guest(WIN2019, has_esp=True, caps=caps).apply(make_spec(os_info=WIN2019))
+    xml_text = render_domain(spec)
+    assert f'<vmcraft:guestcaps xmlns:vmcraft="{GUESTCAPS_NS}">' in xml_text
+    root = parse(xml_text)
+    metadata = root.find("metadata")
+    assert metadata is not None
+    # libosinfo first, then ours: both kept, each in its own namespace.
+    assert [child.tag for child in metadata] == [f"{{{LIBOSINFO_NS}}}libosinfo", f"{G}guestcaps"]
+    block = metadata.find(f"{G}guestcaps/{G}block")
+    net = metadata.find(f"{G}guestcaps/{G}net")
+    assert block is not None and net is not None
+    assert block.attrib == {"bus": "sata", "virtio": "no"}
+    assert net.attrib == {"model": "e1000e", "virtio": "no"}
+    reasons = [r.text for r in metadata.findall(f"{G}guestcaps/{G}reason")]
+    assert reasons == list(caps.reasons)
+    evidence = [e.text for e in metadata.findall(f"{G}guestcaps/{G}evidence")]
+    assert evidence == list(caps.evidence)
+    target = root.find("devices/disk/target")
+    assert target is not None
+    assert target.attrib == {"dev": "sda", "bus": "sata"}
+    validate_domain_xml(xml_text)
+
+
+def test_guestcaps_metadata_without_libosinfo() -> None:
+    spec = defaults_from_guest(None, has_esp=False).apply(make_spec())
+    root = parse(render_domain(spec))
+    metadata = root.find("metadata")
+    assert metadata is not None
+    assert [child.tag for child in metadata] == [f"{G}guestcaps"]
+    reason = metadata.find(f"{G}guestcaps/{G}reason")
+    assert reason is not None
+    assert reason.text == CAPS_UNKNOWN_REASON
+
+
+# --- write_domain_xml ---------------------------------------------------------------
+
+
+def migrated_vm(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "id": "web01",
+        "target_format": "qcow2",
+        "disks": [{"target": "/images/web01-vda.qcow2"}, {"target": "/images/web01-vdb.qcow2"}],
+        "memory_mib": 2048,
+        "vcpus": 2,
+        "network": "lan",
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def test_write_domain_xml_uses_the_reported_caps(tmp_path: Path) -> None:
+    report = {
+        "roots": [DEBIAN12],
+        "partitions": [{"number": 1, "type": "ef"}],
+        "guestcaps": VIRTIO.to_dict(),
+    }
+    path = write_domain_xml(migrated_vm(tmp_path), report)
+    assert path == str(tmp_path / "out" / "web01.xml")
+    root = parse(Path(path).read_text())
+    targets = [t.attrib for t in root.findall("devices/disk/target")]
+    assert targets == [{"dev": "vda", "bus": "virtio"}, {"dev": "vdb", "bus": "virtio"}]
+    model = root.find("devices/interface/model")
+    assert model is not None
+    assert model.get("type") == "virtio"
+    os_el = root.find("os")
+    assert os_el is not None
+    assert os_el.get("firmware") == "efi"
+    validate_domain_file(path)
+
+
+@pytest.mark.parametrize(
+    ("guestcaps", "reason"),
+    [
+        (None, "capabilities unknown"),
+        ({"block_bus": "virtio"}, "unreadable"),
+    ],
+    ids=["absent", "malformed"],
+)
+def test_write_domain_xml_without_usable_caps_is_compatibility_mode(
+    tmp_path: Path, guestcaps: dict[str, Any] | None, reason: str
+) -> None:
+    report: dict[str, Any] = {"roots": [WIN2019], "partitions": []}
+    if guestcaps is not None:
+        report["guestcaps"] = guestcaps
+    root = parse(Path(write_domain_xml(migrated_vm(tmp_path), report)).read_text())
+    targets = [t.attrib for t in root.findall("devices/disk/target")]
+    assert targets == [{"dev": "sda", "bus": "sata"}, {"dev": "sdb", "bus": "sata"}]
+    model = root.find("devices/interface/model")
+    assert model is not None
+    assert model.get("type") == "e1000e"
+    reasons = [r.text or "" for r in root.findall(f"metadata/{G}guestcaps/{G}reason")]
+    assert len(reasons) == 1
+    assert reason in reasons[0]
 
 
 # --- libosinfo ids ----------------------------------------------------------------------
@@ -429,6 +640,7 @@ def test_osinfo_unknown(os_info: dict[str, Any] | None) -> None:
             "twice",
         ),
         (lambda: make_spec(disks=[DiskSpec("/a.raw", "raw", "sda")]), "vd"),
+        (lambda: make_spec(disks=[DiskSpec("/a.raw", "raw", "vda", bus="sata")]), "sd"),
         (
             lambda: make_spec(
                 networks=[NetSpec(mac="52:54:00:00:00:01"), NetSpec(mac="52:54:00:00:00:01")]

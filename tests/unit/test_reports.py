@@ -115,6 +115,10 @@ def test_vm_report_fields_and_order() -> None:
         "mounts",
         "os",
         "fixes",
+        "guestcaps",
+        "initramfs",
+        "data_only",
+        "notes",
         "libvirt_xml",
     ]
     assert report["report_version"] == REPORT_VERSION
@@ -230,6 +234,7 @@ def test_summary_rows_are_sorted_and_compact() -> None:
         "disks": 1,
         "disk_bytes": 20 * GIB,
         "fixes": 1,
+        "devices": None,
         "fixes_applied": 1,
         "total_s": 63.75,
         "reason": None,
@@ -316,22 +321,23 @@ def test_markdown_vm_table() -> None:
     md = render_markdown(summary_of(web01(), db01(), app01()))
     assert md.startswith("# Batch b-42\n")
     assert "**3 VMs**: 1 cancelled, 1 done, 1 failed." in md
-    assert "| VM | status | host | OS | disks | fixes | time | reason |" in md
+    assert "| VM | status | host | OS | devices | disks | fixes | time | reason |" in md
     rows = [split_cells(r) for r in table_rows(md, "| VM |")]
     assert [r[0] for r in rows] == ["app01", "db01", "web01"]
-    assert all(len(r) == 8 for r in rows)
+    assert all(len(r) == 9 for r in rows)
     assert rows[2] == [
         "web01",
         "done",
         "host-a",
         "Debian GNU/Linux 12 (bookworm)",
+        "-",
         "1 (20.0 GiB)",
         "1",
         "1m 04s",
         "",
     ]
-    assert rows[1][4:7] == ["2", "0 of 1", "12.5 s"]
-    assert rows[0][2] == "-" and rows[0][6] == "-"
+    assert rows[1][5:8] == ["2", "0 of 1", "12.5 s"]
+    assert rows[0][2] == "-" and rows[0][7] == "-"
 
 
 def test_markdown_escapes_pipes_in_reasons() -> None:
@@ -339,8 +345,8 @@ def test_markdown_escapes_pipes_in_reasons() -> None:
     row = table_rows(md, "| VM |")[0]
     assert "qemu-img: exit 1 \\| disk full" in row
     cells = split_cells(row)
-    assert len(cells) == 8
-    assert cells[7] == "convert failed on host-b: qemu-img: exit 1 \\| disk full"
+    assert len(cells) == 9
+    assert cells[8] == "convert failed on host-b: qemu-img: exit 1 \\| disk full"
 
 
 def test_markdown_escapes_backslashes_newlines_and_every_cell() -> None:
@@ -353,11 +359,23 @@ def test_markdown_escapes_backslashes_newlines_and_every_cell() -> None:
     row = table_rows(render_markdown(summary_of(report)), "| VM |")[0]
     assert "\n" not in row
     cells = split_cells(row)
-    assert len(cells) == 8
+    assert len(cells) == 9
     assert cells[0] == "odd\\|vm"
     assert cells[2] == "h\\|1"
     # The trailing backslash of "C:\" is doubled, so the pipe after it stays escaped.
-    assert cells[7] == "C:\\\\\\|x second line third"
+    assert cells[8] == "C:\\\\\\|x second line third"
+
+
+def test_data_only_vms_and_devices_show_in_the_table() -> None:
+    data = vm_report(vm_id="data1", status="done", data_only=True)
+    compat = {"block_bus": "sata", "net_model": "e1000e", "reasons": ["no virtio_blk"]}
+    win = vm_report(vm_id="win1", status="done", guestcaps=compat)
+    rows = {
+        r[0]: r
+        for r in map(split_cells, table_rows(render_markdown(summary_of(data, win)), "| VM |"))
+    }
+    assert rows["data1"][3:5] == ["data-only", "-"]
+    assert rows["win1"][4] == "sata/e1000e (compatibility)"
 
 
 def test_markdown_step_table() -> None:
@@ -380,7 +398,7 @@ def test_markdown_renders_from_json_round_trip() -> None:
 def test_long_durations() -> None:
     report = vm_report(vm_id="big", status="done", timings={"convert": 2 * 3600 + 5 * 60 + 7})
     row = split_cells(table_rows(render_markdown(summary_of(report)), "| VM |")[0])
-    assert row[6] == "2h 05m"
+    assert row[7] == "2h 05m"
 
 
 # --- files ------------------------------------------------------------------------------

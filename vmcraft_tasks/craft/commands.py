@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vmcraft_tasks.craft.errors import CommandError
 
@@ -107,29 +108,46 @@ def run(
     _announce(args)
     started = time.monotonic()
     try:
-        proc = subprocess.run(
+        # Its own session, so a timeout kills what it started too (a shell wrapper's
+        # child, a generator's hooks), not just the program we named.
+        proc = subprocess.Popen(
             args,
-            input=input_text,
-            capture_output=True,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             env=env,
-            stdin=None if input_text is not None else subprocess.DEVNULL,
-            check=False,
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, None, reason=f"program not found ({exc.filename})") from exc
-    except subprocess.TimeoutExpired as exc:
-        stderr = (
-            exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        )
-        raise CommandError(args, None, stderr or "", timed_out=True) from exc
+    try:
+        stdout, stderr = proc.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise CommandError(args, None, _drain_stderr(proc), timed_out=True) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
     elapsed = time.monotonic() - started
     log.debug("ran %s -> %s in %.1f ms", args, proc.returncode, elapsed * 1000)
-    result = CommandResult(tuple(args), proc.returncode, proc.stdout, proc.stderr, elapsed)
+    result = CommandResult(tuple(args), proc.returncode, stdout, stderr, elapsed)
     if check and proc.returncode not in ok_codes:
-        raise CommandError(args, proc.returncode, proc.stderr, proc.stdout)
+        raise CommandError(args, proc.returncode, stderr, stdout)
     return result
+
+
+def _drain_stderr(proc: subprocess.Popen[str]) -> str:
+    """What a killed command had written to stderr; a process that left our group may
+    still hold the pipe open, so this does not wait for it long."""
+    try:
+        _out, err = proc.communicate(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return ""
+    return err or ""
 
 
 def spawn_detached(
@@ -227,7 +245,7 @@ def _pump(proc: subprocess.Popen[bytes], sink: _StreamSink, deadline: float) -> 
     return False
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
     """Kill the process group we created for `proc`, then reap its leader.
 
     Called before the leader is reaped, so its pid (the group id) cannot have been

@@ -80,6 +80,21 @@ def mount_device(g: VMCraft, number: int) -> str:
     return _device(g, number)
 
 
+def describe_filesystems(
+    filesystems: list[Filesystem], mounts: dict[int, MountResult] | None = None
+) -> str:
+    """One line naming what the scan found on each partition (for a failure reason)."""
+    described = []
+    for fs in filesystems:
+        what = fs.type or fs.content or "no filesystem"
+        mount = (mounts or {}).get(fs.partition)
+        if fs.type and mount is not None and not mount.ok:
+            what += " (would not mount)"
+        label = "whole disk" if fs.partition == WHOLE_DISK else f"partition {fs.partition}"
+        described.append(f"{label}: {what}")
+    return "; ".join(described) or "no partitions"
+
+
 def find_roots(
     g: VMCraft,
     partitions: list[Partition],

@@ -16,9 +16,11 @@ from vmcraft_tasks import jobs
 from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.craft.convert import convert_image
-from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.inspect.model import OSInfo
+from vmcraft_tasks.craft.inspect_disk import describe_filesystems
+from vmcraft_tasks.craft.mount.ladder import MountResult
 from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.craft.prepare import GuestNotReadyError, Mode, prepare_guest
 from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.migration import vm_ended
@@ -134,51 +136,90 @@ def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
     raise self.replace(pin(attach.si(next_ctx), ctx["host"]))
 
 
+def _fix_mode(plan: dict[str, Any]) -> Mode:
+    if not plan["fixes"]:
+        return "off"
+    return "dry_run" if plan["dry_run"] else "apply"
+
+
+def _os_root(report: dict[str, Any], filesystems: list[Filesystem]) -> OSInfo:
+    """The guest's OS root; a boot disk without one fails the VM, naming what it holds."""
+    roots = [OSInfo.from_dict(root) for root in report["roots"]]
+    if not roots:
+        mounts = {int(n): _mount_result(m) for n, m in report["mounts"].items()}
+        disk = os.path.basename(report["image"]["path"])
+        raise GuestNotReadyError(
+            f"no operating system found on the boot disk {disk} "
+            f"({describe_filesystems(filesystems, mounts)}); "
+            "declare options.os: none for a data-only VM"
+        )
+    return roots[0]
+
+
+def _mount_result(data: dict[str, Any]) -> MountResult:
+    return MountResult(**{k: v for k, v in data.items() if k != "partition"})
+
+
 @app.task(name="vmcraft.vm.fix", bind=True, base=VMStep)
 def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
-    """Offline fixes on the converted copy (or what they would change, in a dry run)."""
-    from vmcraft_tasks.craft.fixes.distros import apply_fixes
+    """Make the converted copy ready for KVM: fixes, initramfs, guest capabilities.
 
+    Ends the VM failed (GuestNotReadyError) when the tool knows the guest would not
+    boot as handed back; a data-only VM (options.os: none) needs no OS.
+    """
     rt = runtime()
     plan = ctx["plan"]
-    if not plan["fixes"]:
-        return {**report, "fixes": [], "fix_notes": ["fixes switched off for this VM"]}
+    filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
+    if plan.get("os") == "none":
+        note = "data-only VM (options.os: none): no operating system expected, none fixed"
+        return {**report, "data_only": True, "fixes": [], "fix_notes": [note]}
+    root = _os_root(report, filesystems)
     rt.jobs.transition(ctx["job_id"], jobs.FIXING)
     parts = [Partition.from_dict(p) for p in ctx["partitions"]]
-    filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
-    fixes: list[dict[str, Any]] = []
-    notes: list[str] = []
-    changed = False
+    mode = _fix_mode(plan)
+    mounts = {int(n): _mount_result(m) for n, m in report["mounts"].items()}
     g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
     try:
-        for root in report["roots"]:
-            info = OSInfo.from_dict(root)
-            mount = report["mounts"].get(str(info.root_partition))
-            if not mount or not mount["ok"]:
-                notes.append(f"root on partition {info.root_partition} is not mounted")
-                continue
-            result = apply_fixes(
-                GuestFS(mount["mountpoint"]), info, filesystems, parts, dry_run=plan["dry_run"]
-            )
-            data = result.to_dict()
-            fixes += data["applied"]
-            notes += data.get("notes", [])
-            changed = changed or result.changed
-        if changed and not plan["dry_run"]:
+        tree_notes = g.mount_guest_tree(root, mounts)
+        prep = prepare_guest(
+            mounts[root.root_partition].mountpoint, root, filesystems, parts, mode=mode
+        )
+        if mode == "apply" and ((prep.fixes is not None and prep.fixes.changed) or prep.initramfs):
             # The disk changed: cached scans of it must not be served again.
             g.cache.bump_generation(g.image.identity)
     finally:
         g.forget()
-    self.progress(job_id=ctx["job_id"], step="fixed", fixes=len(fixes))
-    return {**report, "fixes": fixes, "fix_notes": notes}
+    data = prep.to_dict()
+    fixes = data["fixes"] or {}
+    notes = [*tree_notes, *fixes.get("notes", []), *prep.notes]
+    if len(report["roots"]) > 1:
+        notes.append(
+            f"{len(report['roots'])} OS roots found: prepared the one on partition "
+            f"{root.root_partition}"
+        )
+    if prep.problem:
+        raise GuestNotReadyError(prep.problem)
+    self.progress(job_id=ctx["job_id"], step="fixed", fixes=len(fixes.get("applied", [])))
+    return {
+        **report,
+        "fixes": fixes.get("applied", []),
+        "fix_notes": notes,
+        "fix_skipped": fixes.get("skipped", []),
+        "preparation": data,
+        "guestcaps": data["guestcaps"],
+    }
 
 
 @app.task(name="vmcraft.vm.finalize", bind=True, base=VMStep)
 def finalize(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
-    """libvirt domain XML and the VM's JSON report; the VM is done; the batch moves on."""
+    """libvirt domain XML and the VM's JSON report; the VM is done; the batch moves on.
+
+    Only a guest that `fix` judged ready gets here (or a declared data-only VM).
+    """
     rt = runtime()
     plan = ctx["plan"]
-    xml_path = write_domain_xml(plan, report)
+    # A data-only VM has nothing to boot: its disks are attached to another domain.
+    xml_path = None if report.get("data_only") else write_domain_xml(plan, report)
     report = {**report, "libvirt_xml": xml_path, "conversions": ctx.get("conversions", [])}
     rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
     end_batch_vm(ctx)

@@ -229,14 +229,28 @@ def detach(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[st
     return report
 
 
-def _describe(exc: BaseException) -> str:
+# Errors that are a verdict on the guest, not a crash of the step that raised them.
+VERDICT_ERRORS = frozenset({"GuestNotReadyError"})
+
+
+def _name(exc: BaseException) -> str:
+    # An exception Celery could not serialise arrives wrapped; unwrap its name.
+    return str(getattr(exc, "exc_cls_name", None) or type(exc).__name__)
+
+
+def _message(exc: BaseException) -> str:
     """The exception's own message; Celery may hand errbacks a rebuilt exception whose
     str() is a repr."""
-    # An exception Celery could not serialise arrives wrapped; unwrap its name and args.
-    name = getattr(exc, "exc_cls_name", None) or type(exc).__name__
     args = getattr(exc, "exc_args", None) or exc.args
-    message = args[0] if args and isinstance(args[0], str) else str(exc)
-    return f"{name}: {message}"
+    return args[0] if args and isinstance(args[0], str) else str(exc)
+
+
+def _is_verdict(exc: BaseException) -> bool:
+    return _name(exc) in VERDICT_ERRORS
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{_name(exc)}: {_message(exc)}"
 
 
 # Not bound: Celery passes (request, exc, traceback) only to unbound errback tasks,
@@ -247,7 +261,13 @@ def detach_on_error(
 ) -> dict[str, Any]:
     """Errback: the VM failed in some step; it still ends detached, with the reason."""
     rt = runtime()
-    reason = f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {_describe(exc)}"
+    if _is_verdict(exc):
+        # The step worked and judged the guest: its reason is about the guest.
+        reason = _message(exc)
+    else:
+        reason = (
+            f"{getattr(request, 'task', 'a step')} failed on host {rt.host_id}: {_describe(exc)}"
+        )
     _release(ctx)
     rt.jobs.fail(ctx["job_id"], reason)
     if "plan" in ctx:

@@ -15,7 +15,19 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vmcraft_tasks.craft.errors import GuestPathError
-from vmcraft_tasks.craft.fixes.fstab import rewrite_fstab
+from vmcraft_tasks.craft.fixes.bootloader import (
+    DeviceMap,
+    Rewritten,
+    initramfs_copy_note,
+    rewrite_bls_entry,
+    rewrite_crypttab,
+    rewrite_default_grub,
+    rewrite_grub_cfg,
+    rewrite_grubenv,
+    rewrite_initramfs_resume,
+    rewrite_kernel_cmdline,
+)
+from vmcraft_tasks.craft.fixes.fstab import Unresolved, rewrite_fstab
 from vmcraft_tasks.craft.fixes.initramfs import (
     REGENERATE_NOTE,
     ensure_initramfs_modules,
@@ -41,6 +53,7 @@ from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
 
 Rewriter = Callable[[str], tuple[str, list[Change]]]
+BootRewriter = Callable[[str, DeviceMap], Rewritten]
 
 NETWORK_FIXES = frozenset({"ifcfg", "ifupdown", "netplan", "nm-keyfile", "udev-net-rules"})
 NETWORK_NOTE = (
@@ -223,10 +236,38 @@ class Fixer:
     )
     initramfs_tools_dir: ClassVar[str] = "/etc/initramfs-tools"
     initramfs_generators: ClassVar[tuple[str, ...]] = ("dracut", "initramfs-tools")
+    # Where kernel command lines live: GRUB 2 and GRUB legacy configs, the EFI system
+    # partition's copies (/boot/efi/EFI/<vendor>/), GRUB's defaults, BLS entries
+    # (grub2 and systemd-boot), RHEL 8's grubenv and kernel-install's cmdline.
+    grub_cfg_paths: ClassVar[tuple[str, ...]] = (
+        "/boot/grub/grub.cfg",
+        "/boot/grub2/grub.cfg",
+        "/boot/grub/menu.lst",
+        "/boot/grub/grub.conf",
+    )
+    efi_dir: ClassVar[str] = "/boot/efi/EFI"
+    efi_grub_names: ClassVar[tuple[str, ...]] = ("grub.cfg", "grub.conf")
+    default_grub_path: ClassVar[str] = "/etc/default/grub"
+    default_grub_dir: ClassVar[str] = "/etc/default/grub.d"
+    bls_entries_dirs: ClassVar[tuple[str, ...]] = (
+        "/boot/loader/entries",
+        "/boot/efi/loader/entries",
+        "/efi/loader/entries",
+    )
+    grubenv_path: ClassVar[str] = "/boot/grub2/grubenv"
+    kernel_cmdline_path: ClassVar[str] = "/etc/kernel/cmdline"
+    crypttab_path: ClassVar[str] = "/etc/crypttab"
 
     def steps(self) -> list[FixStep]:
         """The fix steps, in order; subclasses extend the list."""
-        return [self.fix_fstab, self.fix_udev_net_rules, self.disable_vmware_tools]
+        return [
+            self.fix_fstab,
+            self.fix_udev_net_rules,
+            self.disable_vmware_tools,
+            self.fix_kernel_cmdline,
+            self.fix_resume,
+            self.fix_crypttab,
+        ]
 
     # -- storage ------------------------------------------------------------------
 
@@ -246,6 +287,70 @@ class Fixer:
         ctx.edit_text("fstab", self.fstab_path, rewrite, required=True)
         for entry in unresolved:
             ctx.skip("fstab", self.fstab_path, f"{entry.line.strip()}: {entry.reason}")
+
+    # -- boot path ----------------------------------------------------------------
+
+    @staticmethod
+    def _boot_edit(
+        ctx: FixContext, name: str, path: str, rewrite: BootRewriter
+    ) -> FixRecord | None:
+        devices = DeviceMap(
+            ctx.filesystems, ctx.partitions, root_partition=ctx.os_info.root_partition
+        )
+        unresolved: list[Unresolved] = []
+
+        def run(text: str) -> tuple[str, list[Change]]:
+            new_text, changes, left = rewrite(text, devices)
+            unresolved.extend(left)
+            return new_text, changes
+
+        record = ctx.edit_text(name, path, run)
+        # A generated grub.cfg repeats one argument in every entry: report it once.
+        for entry in dict.fromkeys(unresolved):
+            ctx.skip(name, path, f"{entry.line.strip()}: {entry.reason}")
+        return record
+
+    @staticmethod
+    def _files_in(ctx: FixContext, directory: str, suffix: str) -> list[str]:
+        if not ctx.fs.is_dir(directory):
+            return []
+        return [_join(directory, entry) for entry in ctx.fs.ls(directory) if entry.endswith(suffix)]
+
+    def _kernel_cmdline_files(self, ctx: FixContext) -> list[tuple[str, str, BootRewriter]]:
+        files: list[tuple[str, str, BootRewriter]] = [
+            ("grub-cfg", path, rewrite_grub_cfg) for path in self.grub_cfg_paths
+        ]
+        if ctx.fs.is_dir(self.efi_dir):
+            for vendor in ctx.fs.ls(self.efi_dir):
+                for cfg in self.efi_grub_names:
+                    path = _join(_join(self.efi_dir, vendor), cfg)
+                    files.append(("grub-cfg", path, rewrite_grub_cfg))
+        files.append(("grub-default", self.default_grub_path, rewrite_default_grub))
+        for path in self._files_in(ctx, self.default_grub_dir, ".cfg"):
+            files.append(("grub-default", path, rewrite_default_grub))
+        for directory in self.bls_entries_dirs:
+            for path in self._files_in(ctx, directory, ".conf"):
+                files.append(("bls-entry", path, rewrite_bls_entry))
+        files.append(("grubenv", self.grubenv_path, rewrite_grubenv))
+        files.append(("kernel-cmdline", self.kernel_cmdline_path, rewrite_kernel_cmdline))
+        return files
+
+    def fix_kernel_cmdline(self, ctx: FixContext) -> None:
+        for name, path, rewrite in self._kernel_cmdline_files(ctx):
+            self._boot_edit(ctx, name, path, rewrite)
+
+    def fix_resume(self, ctx: FixContext) -> None:
+        # resume= on kernel command lines is fix_kernel_cmdline's; this is initramfs-tools'.
+        path = _join(self.initramfs_tools_dir, "conf.d/resume")
+        record = self._boot_edit(ctx, "initramfs-resume", path, rewrite_initramfs_resume)
+        if record is not None and record.changed:
+            ctx.note(initramfs_copy_note(path))
+
+    def fix_crypttab(self, ctx: FixContext) -> None:
+        path = self.crypttab_path
+        record = self._boot_edit(ctx, "crypttab", path, rewrite_crypttab)
+        if record is not None and record.changed:
+            ctx.note(initramfs_copy_note(path))
 
     def add_virtio_drivers(self, ctx: FixContext) -> None:
         found = False

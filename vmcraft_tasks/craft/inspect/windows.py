@@ -10,12 +10,15 @@ on-disk case, but guests vary (System32 vs system32, WINNT vs Windows).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.errors import CommandError, GuestPathError, InspectError
+from vmcraft_tasks.craft.guestcaps import WINDOWS_VIRTIO_SERVICES, WindowsDriver, WindowsDrivers
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.inspect.arch import HEADER_BYTES, parse_pe_arch
 from vmcraft_tasks.craft.inspect.model import OSInfo
@@ -158,13 +161,8 @@ def read_hive_key(hive_path: str, key: str) -> dict[str, RegistryValue]:
 
 
 def _hive(fs: GuestFS, systemroot: str, name: str, notes: list[str]) -> str | None:
-    # Residual race: hivexget opens this host path itself. The path was resolved
-    # without symlinks just now; a guest tree is not modified while we inspect it.
-    try:
-        return fs.resolve(f"{systemroot}/System32/config/{name}")
-    except GuestPathError as exc:
-        notes.append(f"no {name} hive: {exc.reason}")
-        return None
+    # A FIFO or symlink at a hive's name would hang or mislead hivexget: refused.
+    return _regular_hive(fs, systemroot, name, notes)
 
 
 def read_windows_version(fs: GuestFS, systemroot: str, notes: list[str]) -> WindowsVersion | None:
@@ -230,3 +228,131 @@ def inspect_windows(fs: GuestFS, *, root_partition: int) -> OSInfo | None:
         edition=version.edition if version else None,
         notes=tuple(notes),
     )
+
+
+# --- virtio driver facts (for guestcaps) ----------------------------------------------
+
+# hivexget names the first path component it could not find in this message.
+_MISSING_SUBKEY = re.compile(r"subkey '(?P<name>[^']*)' not found")
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _regular_hive(fs: GuestFS, systemroot: str, name: str, notes: list[str]) -> str | None:
+    """Host path of hive `name` if it is a regular file, else None with a note.
+
+    hivexget opens the path itself and blocks on a FIFO until its timeout, and a
+    symlink at the hive's own name is not what Windows loads: both are refused
+    before hivexget runs. Directories above the hive may still be guest symlinks,
+    which `fs` resolves inside the guest.
+    """
+    path = f"{systemroot}/System32/config/{name}"
+    try:
+        mode = fs.lstat(path).st_mode
+        host = fs.resolve(path) if stat.S_ISREG(mode) else None
+    except GuestPathError as exc:
+        notes.append(f"no {name} hive: {exc.reason}")
+        return None
+    if host is None:
+        notes.append(f"{name} hive is {_file_kind(mode)}, not a regular file: not read")
+        return None
+    # Checked again on the host path hivexget will open: the residual race is only
+    # between this lstat and hivexget's open (the guest is not running meanwhile).
+    try:
+        unchanged = stat.S_ISREG(os.lstat(host).st_mode)
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        notes.append(f"{name} hive changed while being checked: not read")
+        return None
+    return host
+
+
+def _current_control_set(hive: str) -> str:
+    """The control set Select\\Current names (ControlSet001 without a usable Select).
+
+    Raises CommandError / InspectError when the hive itself cannot be read, so a
+    broken hive is reported once rather than as every service missing.
+    """
+    try:
+        current = _number(read_hive_key(hive, "Select"), "Current")
+    except CommandError as exc:
+        if _missing_subkey(exc) is None:
+            raise
+        current = None  # old or trimmed hives lack Select; ControlSet001 is the usual one
+    if current is None or not 0 < current < 1000:
+        current = 1
+    return f"ControlSet{current:03d}"
+
+
+def _missing_subkey(exc: CommandError) -> str | None:
+    if exc.returncode is None:
+        return None
+    match = _MISSING_SUBKEY.search(exc.stderr)
+    return match.group("name") if match else None
+
+
+def _service_values(
+    hive: str, key: str, service: str, notes: list[str]
+) -> dict[str, RegistryValue] | None:
+    """Values of a service key; None when it is absent (noted unless simply missing)."""
+    try:
+        return read_hive_key(hive, key)
+    except CommandError as exc:
+        missing = _missing_subkey(exc)
+        # Only the service key itself missing is "not installed"; a missing
+        # Services or ControlSet key means the hive is not what we think it is.
+        if missing is None or missing.casefold() != service.casefold():
+            notes.append(_failure("SYSTEM", key, exc))
+        return None
+    except InspectError as exc:
+        notes.append(_failure("SYSTEM", key, exc))
+        return None
+
+
+def _windows_driver(
+    fs: GuestFS, systemroot: str, service: str, *, hive: str, control_set: str, notes: list[str]
+) -> WindowsDriver:
+    values = _service_values(hive, rf"{control_set}\Services\{service}", service, notes)
+    return WindowsDriver(
+        service=service,
+        registered=values is not None,
+        start=None if values is None else _number(values, "Start"),
+        sys_file=fs.is_file(f"{systemroot}/System32/drivers/{service}.sys"),
+    )
+
+
+def windows_driver_facts(fs: GuestFS, systemroot: str | None = None) -> WindowsDrivers:
+    """The virtio-win drivers (viostor, vioscsi, netkvm) of the Windows root at `fs.root`.
+
+    Each is looked up in the current control set of the SYSTEM hive (its Start
+    value) and in System32\\drivers (its .sys file). Nothing here raises for a
+    guest that cannot be read: the facts say what was not seen, and why.
+    """
+    fs = _case_insensitive(fs)
+    systemroot = systemroot or find_systemroot(fs)
+    if systemroot is None:
+        return WindowsDrivers(notes=("no Windows directory with System32/cmd.exe",))
+    notes: list[str] = []
+    hive = _regular_hive(fs, systemroot, "SYSTEM", notes)
+    if hive is None:
+        return WindowsDrivers(notes=tuple(notes))
+    try:
+        control_set = _current_control_set(hive)
+    except (CommandError, InspectError) as exc:
+        return WindowsDrivers(notes=(_failure("SYSTEM", "Select", exc),))
+    drivers = tuple(
+        _windows_driver(fs, systemroot, service, hive=hive, control_set=control_set, notes=notes)
+        for service in WINDOWS_VIRTIO_SERVICES
+    )
+    return WindowsDrivers(drivers=drivers, control_set=control_set, notes=tuple(notes))

@@ -1,20 +1,18 @@
 """libvirt domain XML for converted VMs, in the manner of virt-manager's virtinst.
 
 Three separate steps: describe the VM (`DomainSpec` with `DiskSpec`s and `NetSpec`s),
-let the inspected guest decide firmware, buses and clock
-(`defaults_from_guest(os_info, has_esp).apply(spec)`), then `render_domain(spec)`;
+let the inspected guest decide firmware, devices and clock
+(`defaults_from_guest(os_info, has_esp, guestcaps).apply(spec)`: the disk bus and NIC
+model come from the guest's `GuestCaps`), then `render_domain(spec)`;
 `validate_domain_xml` checks the result against libvirt's schema.
 """
 
 from __future__ import annotations
 
-from vmcraft_tasks.craft.libvirt.defaults import (
-    WINDOWS_VIRTIO_NOTE,
-    GuestDefaults,
-    defaults_from_guest,
-)
+from vmcraft_tasks.craft.libvirt.defaults import GuestDefaults, defaults_from_guest
 from vmcraft_tasks.craft.libvirt.domain import domain_element, domain_uuid, render_domain
 from vmcraft_tasks.craft.libvirt.errors import DomainSpecError, DomainXMLError
+from vmcraft_tasks.craft.libvirt.metadata import GUESTCAPS_NS
 from vmcraft_tasks.craft.libvirt.osinfo import LIBOSINFO_NS, OsinfoId, osinfo_for
 from vmcraft_tasks.craft.libvirt.spec import (
     ClockOffset,
@@ -24,12 +22,13 @@ from vmcraft_tasks.craft.libvirt.spec import (
     DomainSpec,
     NetSpec,
     VideoModel,
+    target_dev_for,
 )
 from vmcraft_tasks.craft.libvirt.validate import validate_domain_file, validate_domain_xml
 
 __all__ = [
+    "GUESTCAPS_NS",
     "LIBOSINFO_NS",
-    "WINDOWS_VIRTIO_NOTE",
     "ClockOffset",
     "DiskBus",
     "DiskFormat",
@@ -46,6 +45,7 @@ __all__ = [
     "domain_uuid",
     "osinfo_for",
     "render_domain",
+    "target_dev_for",
     "validate_domain_file",
     "validate_domain_xml",
 ]

@@ -3,7 +3,11 @@
 The caller builds a `DomainSpec` with what it knows about the VM (name, size, the
 converted disks, its networks); `defaults_from_guest` says how this particular
 guest must be presented to KVM; `GuestDefaults.apply` writes that into the spec.
-Rendering then never looks at the guest OS, so every choice is visible in one place.
+Rendering then never looks at the guest, so every choice is visible in one place.
+
+Devices come from the guest's capabilities (`GuestCaps`: which drivers it was seen
+to have), never from its OS name. Firmware, clock, Hyper-V enlightenments and video
+do follow the OS type: they are about how the OS behaves, not which drivers it has.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vmcraft_tasks.craft.guestcaps import CAPS_UNKNOWN, GuestCaps
 from vmcraft_tasks.craft.libvirt.errors import DomainSpecError
-from vmcraft_tasks.craft.libvirt.spec import ClockOffset, DiskBus, DomainSpec, VideoModel
+from vmcraft_tasks.craft.libvirt.spec import (
+    ClockOffset,
+    DiskBus,
+    DiskSpec,
+    DomainSpec,
+    NetSpec,
+    VideoModel,
+    target_dev_for,
+)
 
 # uname -m names the inspector reports, mapped to libvirt's <type arch>.
 _X86_ARCHES = {"x86_64": "x86_64", "i386": "i686", "i486": "i686", "i586": "i686", "i686": "i686"}
-
-WINDOWS_VIRTIO_NOTE = (
-    "Windows on virtio disk and NIC: the virtio-win drivers (viostor, NetKVM) must be "
-    "installed in the guest before first boot, or it stops with INACCESSIBLE_BOOT_DEVICE"
-)
 
 
 @dataclass(frozen=True)
@@ -29,17 +37,35 @@ class GuestDefaults:
     """The guest-dependent part of a domain spec ("partial spec")."""
 
     uefi: bool
+    caps: GuestCaps = CAPS_UNKNOWN
     machine: str = "q35"
     arch: str = "x86_64"
-    disk_bus: DiskBus = "virtio"
-    net_model: str = "virtio"
     hyperv: bool = False
     clock_offset: ClockOffset = "utc"
     video_model: VideoModel = "virtio"
-    notes: tuple[str, ...] = ()
+
+    @property
+    def disk_bus(self) -> DiskBus:
+        return self.caps.block_bus
+
+    @property
+    def net_model(self) -> str:
+        return self.caps.net_model
+
+    def _disk(self, disk: DiskSpec) -> DiskSpec:
+        return replace(
+            disk, bus=self.disk_bus, target_dev=target_dev_for(self.disk_bus, disk.target_dev)
+        )
+
+    def _net(self, net: NetSpec) -> NetSpec:
+        return replace(net, model=self.net_model)
 
     def apply(self, spec: DomainSpec) -> DomainSpec:
-        """`spec` with every guest-dependent choice replaced by these defaults."""
+        """`spec` with every guest-dependent choice replaced by these defaults.
+
+        Replaced, not merged: applying other defaults to the result overrides these
+        completely (disk targets are renamed back, vda <-> sda).
+        """
         return replace(
             spec,
             uefi=self.uefi,
@@ -48,9 +74,9 @@ class GuestDefaults:
             hyperv=self.hyperv,
             clock_offset=self.clock_offset,
             video_model=self.video_model,
-            disks=[replace(disk, bus=self.disk_bus) for disk in spec.disks],
-            networks=[replace(net, model=self.net_model) for net in spec.networks],
-            notes=spec.notes + self.notes,
+            disks=[self._disk(disk) for disk in spec.disks],
+            networks=[self._net(net) for net in spec.networks],
+            guestcaps=self.caps,
         )
 
 
@@ -66,11 +92,15 @@ def _arch(os_info: Mapping[str, Any]) -> str:
     return _X86_ARCHES[arch]
 
 
-def defaults_from_guest(os_info: Mapping[str, Any] | None, has_esp: bool) -> GuestDefaults:
-    """How to present this guest to KVM: firmware, machine, buses, clock.
+def defaults_from_guest(
+    os_info: Mapping[str, Any] | None, has_esp: bool, caps: GuestCaps | None = None
+) -> GuestDefaults:
+    """How to present this guest to KVM: firmware, machine, devices, clock.
 
     `os_info` is an `OSInfo.to_dict()` (None when inspection found no OS);
-    `has_esp` says whether the disk has an EFI system partition.
+    `has_esp` says whether the disk has an EFI system partition; `caps` are the
+    guest's capabilities, which pick the disk bus and NIC model. Without caps the
+    guest gets SATA and e1000e (`CAPS_UNKNOWN`), which boot without virtio drivers.
     """
     info: Mapping[str, Any] = os_info or {}
     # A guest installed for UEFI boots from its ESP and has no MBR boot code worth
@@ -78,14 +108,12 @@ def defaults_from_guest(os_info: Mapping[str, Any] | None, has_esp: bool) -> Gue
     # firmware is what keeps the bootloader working unchanged.
     uefi = has_esp
     arch = _arch(info)
+    caps = caps if caps is not None else CAPS_UNKNOWN
     if info.get("type") == "windows":
         return GuestDefaults(
             uefi=uefi,
+            caps=caps,
             arch=arch,
-            # virtio for Windows too: far faster than emulated SATA/e1000, but the
-            # guest has no inbox drivers for it (see WINDOWS_VIRTIO_NOTE).
-            disk_bus="virtio",
-            net_model="virtio",
             # Hyper-V enlightenments: Windows detects them and avoids spinlock and
             # APIC exits that otherwise make it noticeably slow under KVM.
             hyperv=True,
@@ -93,6 +121,5 @@ def defaults_from_guest(os_info: Mapping[str, Any] | None, has_esp: bool) -> Gue
             clock_offset="localtime",
             # No inbox virtio-gpu driver; plain VGA works from first boot.
             video_model="vga",
-            notes=(WINDOWS_VIRTIO_NOTE,),
         )
-    return GuestDefaults(uefi=uefi, arch=arch)
+    return GuestDefaults(uefi=uefi, caps=caps, arch=arch)

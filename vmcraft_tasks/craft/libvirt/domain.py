@@ -2,7 +2,7 @@
 
 The order is that of `virsh dumpxml`, so a rendered file and the defined domain
 diff cleanly. Every piece is a small function of the spec; none looks at the guest
-OS (that is `defaults.py`'s job).
+OS or its capabilities (that is `defaults.py`'s job).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 
 from vmcraft_tasks.craft.libvirt.devices import devices_element
 from vmcraft_tasks.craft.libvirt.elements import el, to_string
-from vmcraft_tasks.craft.libvirt.osinfo import LIBOSINFO_NS, osinfo_for
+from vmcraft_tasks.craft.libvirt.metadata import metadata_element
 from vmcraft_tasks.craft.libvirt.spec import DomainSpec
 
 # Fixed forever: every domain's UUID is uuid5(this, name). Changing it would give
@@ -27,24 +27,6 @@ HYPERV_SPINLOCK_RETRIES = 8191
 def domain_uuid(name: str) -> str:
     """A stable UUID for a domain name, so re-rendering the same VM gives the same XML."""
     return str(uuid.uuid5(UUID_NAMESPACE, name))
-
-
-def _metadata(spec: DomainSpec) -> ET.Element | None:
-    ident = osinfo_for(spec.os_info)
-    if ident is None:
-        return None
-    # The prefix and xmlns are written as plain names on purpose: ElementTree's
-    # namespace support would hoist the declaration to <domain> under a global,
-    # process-wide prefix registry. This way the output is exactly libvirt's own.
-    return el(
-        "metadata",
-        None,
-        el(
-            "libosinfo:libosinfo",
-            {"xmlns:libosinfo": LIBOSINFO_NS},
-            el("libosinfo:os", {"id": ident.uri}),
-        ),
-    )
 
 
 def _memory(spec: DomainSpec) -> list[ET.Element]:
@@ -118,7 +100,7 @@ def domain_element(spec: DomainSpec) -> ET.Element:
         {"type": "kvm"},
         el("name", text=spec.name),
         el("uuid", text=domain_uuid(spec.name)),
-        _metadata(spec),
+        metadata_element(spec),
         _memory(spec),
         el("vcpu", {"placement": "static"}, text=str(spec.vcpus)),
         _os(spec),

@@ -1,8 +1,9 @@
 """What a domain is made of: plain, frozen value objects with their own sanity checks.
 
 The spec holds decisions, not policy: which bus, which firmware and so on are
-filled in by `defaults.GuestDefaults.apply` from what inspection found, so the
-renderer stays a straight translation and can be golden-file tested.
+filled in by `defaults.GuestDefaults.apply` from what inspection found (the disk bus
+and NIC model from the guest's `GuestCaps`), so the renderer stays a straight
+translation and can be golden-file tested.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from vmcraft_tasks.craft.guestcaps import GuestCaps
 from vmcraft_tasks.craft.libvirt.errors import DomainSpecError
 
 DiskFormat = Literal["qcow2", "raw"]
@@ -27,6 +29,13 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # libvirt rejects '/' in names (they become file names under /etc/libvirt/qemu);
 # control characters make `virsh list` output unreadable.
 _BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
+
+
+def target_dev_for(bus: DiskBus, target_dev: str) -> str:
+    """`target_dev` renamed for `bus`, keeping its letters: vdb on SATA becomes sdb."""
+    if not _TARGET_DEV.match(target_dev):
+        raise DomainSpecError(f"bad target device {target_dev!r}")
+    return _TARGET_PREFIX[bus] + target_dev[2:]
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,11 @@ class NetSpec:
 
 @dataclass(frozen=True)
 class DomainSpec:
-    """A whole KVM domain. `os_info` is an `OSInfo.to_dict()`, used for libosinfo metadata."""
+    """A whole KVM domain.
+
+    `os_info` is an `OSInfo.to_dict()`, used for libosinfo metadata; `guestcaps` is
+    what the disk bus and NIC model were chosen from, written to the metadata too.
+    """
 
     name: str
     memory_mib: int
@@ -83,6 +96,7 @@ class DomainSpec:
     hyperv: bool = False
     clock_offset: ClockOffset = "utc"
     video_model: VideoModel = "virtio"
+    guestcaps: GuestCaps | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,127 @@
+"""Which hypervisor-bound device names a guest still uses where booting depends on them.
+
+After the fixes (or without them) a guest may still name `/dev/sda2` in fstab, on
+its kernel command line or in crypttab. Such a name exists on KVM only when the
+disk sits on an sd* bus (SATA/SCSI); `/dev/hdX`, `/dev/xvdX`, NVMe and by-id/by-path
+names exist on no bus the converted guest gets. The guest capabilities and the
+verdict on a VM are decided from this list, so the reading is kept apart (pure
+parsers over text, one small reader).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes.fstab import is_hardware_name
+from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.inspect.fstab import KIND_DEVICE, classify_entry, parse_fstab
+from vmcraft_tasks.craft.inspect.linux import TEXT_FILE_CAP
+
+# Options that keep a missing device from stopping the boot.
+_OPTIONAL = frozenset({"nofail", "noauto"})
+_SD_NAME = re.compile(r"^/dev/sd[a-z]+\d*$")
+_KERNEL_DEVICE_ARG = re.compile(r"""(?<![^\s"'])(?:root|resume)=(/dev/[^\s"'\\;$]+)""")
+_GRUB_KERNEL_LINE = re.compile(r"^\s*(?:linux|linux16|linuxefi|kernel)\s")
+_BLS_OPTIONS_LINE = re.compile(r"^\s*options\s")
+_DEFAULT_GRUB_LINE = re.compile(r"^\s*GRUB_CMDLINE_LINUX(?:_DEFAULT)?=")
+
+GRUB_CFGS = ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg")
+BLS_DIR = "/boot/loader/entries"
+MAX_BLS_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class DeviceNameUse:
+    """One place where the guest depends on a hypervisor-bound device name."""
+
+    name: str  # /dev/sda2
+    path: str  # the guest file: /etc/fstab, /boot/grub/grub.cfg, ...
+    what: str  # "fstab /boot", "kernel root=", "crypttab cryptdata"
+
+    @property
+    def sd_bus_keeps_it(self) -> bool:
+        """True when a SATA/SCSI disk on KVM still has this name (/dev/sdXN)."""
+        return _SD_NAME.match(self.name) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what} names {self.name}"
+
+
+def in_fstab(text: str, path: str = "/etc/fstab") -> list[DeviceNameUse]:
+    """Entries that must mount at boot and name a hardware-bound device (pure)."""
+    found = []
+    for entry in parse_fstab(text):
+        if classify_entry(entry) != KIND_DEVICE or not is_hardware_name(entry.spec):
+            continue
+        if _OPTIONAL & set(entry.options):
+            continue
+        where = "swap" if entry.fstype == "swap" else entry.mountpoint
+        found.append(DeviceNameUse(entry.spec, path, f"fstab {where}"))
+    return found
+
+
+def in_kernel_args(text: str, path: str, line_pattern: re.Pattern[str]) -> list[DeviceNameUse]:
+    """root=/resume= arguments on the kernel lines of a bootloader file (pure)."""
+    found = []
+    for line in text.splitlines():
+        if not line_pattern.match(line):
+            continue
+        for match in _KERNEL_DEVICE_ARG.finditer(line):
+            name = match.group(1)
+            if is_hardware_name(name):
+                arg = match.group(0).split("=", 1)[0]
+                found.append(DeviceNameUse(name, path, f"kernel {arg}="))
+    return _unique(found)
+
+
+def in_crypttab(text: str, path: str = "/etc/crypttab") -> list[DeviceNameUse]:
+    found = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2 or not is_hardware_name(fields[1]):
+            continue
+        options = set(fields[3].split(",")) if len(fields) > 3 else set()
+        if _OPTIONAL & options:
+            continue
+        found.append(DeviceNameUse(fields[1], path, f"crypttab {fields[0]}"))
+    return found
+
+
+def _unique(uses: Iterable[DeviceNameUse]) -> list[DeviceNameUse]:
+    return list(dict.fromkeys(uses))
+
+
+def _read(fs: GuestFS, path: str) -> str | None:
+    try:
+        if not fs.is_file(path):
+            return None
+        return fs.read_file(path, max_size=TEXT_FILE_CAP).decode("utf-8", errors="replace")
+    except GuestPathError:
+        return None
+
+
+def device_name_uses(fs: GuestFS) -> list[DeviceNameUse]:
+    """Every boot-relevant use of a hypervisor-bound device name in the guest tree `fs`."""
+    found: list[DeviceNameUse] = []
+    if (text := _read(fs, "/etc/fstab")) is not None:
+        found += in_fstab(text)
+    if (text := _read(fs, "/etc/crypttab")) is not None:
+        found += in_crypttab(text)
+    for path in GRUB_CFGS:
+        if (text := _read(fs, path)) is not None:
+            found += in_kernel_args(text, path, _GRUB_KERNEL_LINE)
+    if (text := _read(fs, "/etc/default/grub")) is not None:
+        found += in_kernel_args(text, "/etc/default/grub", _DEFAULT_GRUB_LINE)
+    if fs.is_dir(BLS_DIR):
+        for entry in sorted(fs.ls(BLS_DIR))[:MAX_BLS_ENTRIES]:
+            path = f"{BLS_DIR}/{entry}"
+            if entry.endswith(".conf") and (text := _read(fs, path)) is not None:
+                found += in_kernel_args(text, path, _BLS_OPTIONS_LINE)
+    return _unique(found)
