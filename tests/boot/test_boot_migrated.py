@@ -9,7 +9,6 @@ timed-out units. Their unconverted sources fail to boot (test_boot_sources.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,19 +23,12 @@ import yaml
 from tests import leaks
 from vmcraft_tasks.craft.boot import BootDisk, BootLimits, BootSpec, Reason, boot_check
 from vmcraft_tasks.samples.bootable import BootableImage
+from vmcraft_tasks.samples.imagebuild import sha256_file
 
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(1800)]
 
 LIMITS = BootLimits(overall_s=420.0, silence_s=150.0, until="login")
 NIC_DEVICES = {"virtio": "virtio-net-pci", "e1000e": "e1000e"}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def migrated(
             }
         )
     )
-    sources = {p: _sha256(p) for p in (bootable_bios.path, bootable_bios_modules_list.path)}
+    sources = {p: sha256_file(p) for p in (bootable_bios.path, bootable_bios_modules_list.path)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMCRAFT_BROKER")}
     env["VMCRAFT_WORK_DIR"] = str(base / "work")
     proc = subprocess.run(
@@ -71,7 +63,7 @@ def migrated(
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert {p: _sha256(p) for p in sources} == sources, "a source image changed"
+    assert {p: sha256_file(p) for p in sources} == sources, "a source image changed"
     out = base / "boot"
     reports = {
         vm: json.loads((out / f"{vm}.json").read_text()) for vm in ("deb-fstab", "deb-modules")
@@ -99,7 +91,7 @@ def test_the_migrated_guest_is_done_and_reaches_a_login_prompt_on_virtio(migrate
     assert kernel["verified"] and "virtio_blk" in kernel["modules_after"]
     disk, bus, nic = _domain_devices(report["libvirt_xml"])
     assert (bus, nic) == ("virtio", "virtio")
-    before = _sha256(disk)
+    before = sha256_file(disk)
     spec = BootSpec(
         disks=(BootDisk(disk, "qcow2", "virtio"),),
         serial_log=str(tmp_path / "serial.log"),
@@ -112,5 +104,5 @@ def test_the_migrated_guest_is_done_and_reaches_a_login_prompt_on_virtio(migrate
     console = Path(spec.serial_log or "").read_text(errors="replace")
     assert "Timed out waiting for device" not in console and "[FAILED]" not in console
     assert "emergency" not in console.lower()
-    assert _sha256(disk) == before, "the boot check wrote to the output disk"
+    assert sha256_file(disk) == before, "the boot check wrote to the output disk"
     assert not leaks.snapshot().new_since(snapshot)

@@ -107,3 +107,12 @@ def test_kernel_backend_without_the_nbd_module_says_how_to_fix_it(linux_gpt_raw,
         pytest.skip("this host has the nbd module: the error path cannot be shown")
     proc = vmcraft("inspect", "--backend", "kernel", linux_gpt_raw.path, work_dir=private_work_dir)
     assert_one_line_failure(proc, "nbd kernel module not loaded", "modprobe nbd max_part=16")
+
+
+def test_inspect_says_what_an_unidentifiable_partition_is(gpt_bios_boot_raw, private_work_dir):
+    proc = vmcraft("inspect", gpt_bios_boot_raw.path, work_dir=private_work_dir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    (bios,) = [line for line in lines if line.strip().startswith("1 ")]
+    assert "BIOS boot partition: unrecognised data, no filesystem signature" in bios
+    assert "root on partition 3: linux" in proc.stdout

@@ -11,7 +11,6 @@ independently with the host's zstd and cpio.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from vmcraft_tasks.craft.fixes.initramfs_regen import (
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.samples.bootable import BootableImage
+from vmcraft_tasks.samples.imagebuild import sha256_file
 
 # The first run may have to build the shared guest (debootstrap, a few minutes).
 pytestmark = pytest.mark.timeout(1800)
@@ -51,14 +51,6 @@ class Guest:
     @property
     def fs(self) -> GuestFS:
         return GuestFS(self.root)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def host_listing(image: str) -> set[str]:
@@ -105,7 +97,7 @@ def boot_and_config(guest: Guest) -> dict[str, str]:
             for name in files:
                 path = os.path.join(dirpath, name)
                 if not os.path.islink(path):
-                    found[os.path.relpath(path, guest.root)] = _sha256(path)
+                    found[os.path.relpath(path, guest.root)] = sha256_file(path)
     return found
 
 
@@ -195,26 +187,26 @@ def test_dry_run_on_a_read_only_attach(
     converted: str, bootable_bios_modules_list: BootableImage, open_disk: list[VMCraft]
 ) -> None:
     """A dry run attaches read-only: noexec mounts on a throw-away overlay."""
-    digest = _sha256(converted)
+    digest = sha256_file(converted)
     guest = _attach(converted, bootable_bios_modules_list, open_disk, readonly=True)
     report = regenerate_initramfs(guest.root, arch=None, dry_run=True)
     (result,) = report.kernels
     assert report.arch == "x86_64"  # read from the guest's own binaries
     assert result.action == "would-rebuild" and result.modules_before >= VMWARE_DRIVERS
     guest.disk.shutdown()
-    assert _sha256(converted) == digest
+    assert sha256_file(converted) == digest
 
 
 def test_failing_generator_keeps_the_old_image(guest: Guest) -> None:
     add_hook(guest, "zz-vmcraft-test-fails", 'echo "E: the test hook refuses" >&2\nexit 1\n')
-    digest = _sha256(guest.image)
+    digest = sha256_file(guest.image)
     with pytest.raises(InitramfsError) as caught:
         regenerate_initramfs(guest.root, arch="x86_64", dry_run=False)
     error = caught.value
     assert error.kernel == guest.kernel and "initramfs-tools failed" in error.reason
     assert "the test hook refuses" in error.output_tail
     assert error.report is not None and error.report.kernels[0].action == "failed"
-    assert _sha256(guest.image) == digest
+    assert sha256_file(guest.image) == digest
     assert_no_leftovers(guest)
 
 
@@ -224,10 +216,10 @@ def test_image_without_virtio_blk_is_not_installed(guest: Guest) -> None:
         "zz-vmcraft-test-drops-virtio",
         "find \"$DESTDIR\" -name 'virtio_blk.ko*' -delete\n",
     )
-    digest = _sha256(guest.image)
+    digest = sha256_file(guest.image)
     with pytest.raises(InitramfsError, match="lacks virtio_blk"):
         regenerate_initramfs(guest.root, arch="x86_64", dry_run=False)
-    assert _sha256(guest.image) == digest
+    assert sha256_file(guest.image) == digest
     assert_no_leftovers(guest)
 
 

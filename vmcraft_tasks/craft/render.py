@@ -58,6 +58,10 @@ def _partition_rows(report: dict[str, Any]) -> list[str]:
     for number in numbers:
         fs = fs_by_part.get(number, {})
         size = human_size(sizes[number]) if number in sizes else "whole disk"
+        if not fs.get("type") and fs.get("content"):
+            # Nothing to mount: say what the partition holds instead of a row of dashes.
+            rows.append(f"{number:>3}  {size:>10}  -        {fs['content']}")
+            continue
         rows.append(
             f"{number:>3}  {size:>10}  {fs.get('type') or '-':<8} {fs.get('label') or '-':<14} "
             f"{fs.get('uuid') or '-':<38} {_mount_how(mounts.get(str(number)))}"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes.distros import Fixer
 from vmcraft_tasks.craft.fixes.fstab import is_hardware_name
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.inspect.fstab import KIND_DEVICE, classify_entry, parse_fstab
@@ -28,9 +29,8 @@ _KERNEL_DEVICE_ARG = re.compile(r"""(?<![^\s"'])(?:root|resume)=(/dev/[^\s"'\\;$
 _GRUB_KERNEL_LINE = re.compile(r"^\s*(?:linux|linux16|linuxefi|kernel)\s")
 _BLS_OPTIONS_LINE = re.compile(r"^\s*options\s")
 _DEFAULT_GRUB_LINE = re.compile(r"^\s*GRUB_CMDLINE_LINUX(?:_DEFAULT)?=")
-
-GRUB_CFGS = ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg")
-BLS_DIR = "/boot/loader/entries"
+_GRUBENV_LINE = re.compile(r"^kernelopts=")
+_ANY_LINE = re.compile(r"")
 MAX_BLS_ENTRIES = 256
 
 
@@ -107,21 +107,27 @@ def _read(fs: GuestFS, path: str) -> str | None:
         return None
 
 
+def _kernel_arg_files(fs: GuestFS) -> list[tuple[str, re.Pattern[str]]]:
+    """The files the kernel command-line fix edits (same paths), with their arg lines."""
+    files = [(path, _GRUB_KERNEL_LINE) for path in Fixer.grub_cfg_paths]
+    files.append((Fixer.default_grub_path, _DEFAULT_GRUB_LINE))
+    for directory in Fixer.bls_entries_dirs:
+        if fs.is_dir(directory):
+            entries = sorted(e for e in fs.ls(directory) if e.endswith(".conf"))
+            files += [(f"{directory}/{e}", _BLS_OPTIONS_LINE) for e in entries[:MAX_BLS_ENTRIES]]
+    files.append((Fixer.grubenv_path, _GRUBENV_LINE))
+    files.append((Fixer.kernel_cmdline_path, _ANY_LINE))
+    return files
+
+
 def device_name_uses(fs: GuestFS) -> list[DeviceNameUse]:
     """Every boot-relevant use of a hypervisor-bound device name in the guest tree `fs`."""
     found: list[DeviceNameUse] = []
-    if (text := _read(fs, "/etc/fstab")) is not None:
-        found += in_fstab(text)
-    if (text := _read(fs, "/etc/crypttab")) is not None:
-        found += in_crypttab(text)
-    for path in GRUB_CFGS:
+    if (text := _read(fs, Fixer.fstab_path)) is not None:
+        found += in_fstab(text, Fixer.fstab_path)
+    if (text := _read(fs, Fixer.crypttab_path)) is not None:
+        found += in_crypttab(text, Fixer.crypttab_path)
+    for path, lines in _kernel_arg_files(fs):
         if (text := _read(fs, path)) is not None:
-            found += in_kernel_args(text, path, _GRUB_KERNEL_LINE)
-    if (text := _read(fs, "/etc/default/grub")) is not None:
-        found += in_kernel_args(text, "/etc/default/grub", _DEFAULT_GRUB_LINE)
-    if fs.is_dir(BLS_DIR):
-        for entry in sorted(fs.ls(BLS_DIR))[:MAX_BLS_ENTRIES]:
-            path = f"{BLS_DIR}/{entry}"
-            if entry.endswith(".conf") and (text := _read(fs, path)) is not None:
-                found += in_kernel_args(text, path, _BLS_OPTIONS_LINE)
+            found += in_kernel_args(text, path, lines)
     return _unique(found)
