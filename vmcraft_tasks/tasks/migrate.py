@@ -8,11 +8,12 @@ boot disk (write mode unless dry run) -> scan -> chord(mount) -> inspect -> fix
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, policy
 from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.craft.convert import convert_image
@@ -30,6 +31,8 @@ from vmcraft_tasks.tasks.base import VMStep
 from vmcraft_tasks.tasks.vm import attach, detach_on_error
 from worker.runtime import runtime
 
+log = logging.getLogger(__name__)
+
 HOST_FULL_RETRY_S = 0.5
 HOST_FULL_MAX_RETRIES = 7200
 CONVERSION_WAIT_S = 6 * 3600.0
@@ -40,7 +43,10 @@ PROGRESS_STEP_PCT = 2.0
 def start(self: VMStep, ctx: dict[str, Any]) -> Any:
     """Place the VM on this host (pin, group, free slot) and start converting it here."""
     rt = runtime()
-    plan = ctx["plan"]
+    try:
+        plan = policy.plan_of(rt, ctx)
+    except policy.MessageRefused as exc:
+        return _refuse_vm(rt, ctx, exc)
     job_id = ctx["job_id"]
     pinned = plan.get("host")
     group = plan.get("host_group") or []
@@ -93,7 +99,10 @@ def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
     from vmcraft_tasks.craft.images import disk_identity
 
     rt = runtime()
-    plan = ctx["plan"]
+    try:
+        plan = policy.plan_of(rt, ctx)
+    except policy.MessageRefused as exc:
+        return _refuse_vm(rt, ctx, exc)
     job_id = ctx["job_id"]
     results = []
     for index, disk in enumerate(plan["disks"]):
@@ -126,13 +135,8 @@ def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
             json.dump(done, fh)
         results.append(done)
     rt.jobs.set_progress(job_id, conversions=results, convert_pct=100.0)
-    write_mode = plan["fixes"] and not plan["dry_run"]
-    next_ctx = {
-        **ctx,
-        "image": plan["disks"][0]["target"],
-        "readonly": not write_mode,
-        "conversions": results,
-    }
+    # attach derives the image and write mode from the batch's record, not from here.
+    next_ctx = {**ctx, "conversions": results}
     raise self.replace(pin(attach.si(next_ctx), ctx["host"]))
 
 
@@ -168,7 +172,7 @@ def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
     boot as handed back; a data-only VM (options.os: none) needs no OS.
     """
     rt = runtime()
-    plan = ctx["plan"]
+    plan = policy.plan_of(rt, ctx)
     filesystems = [Filesystem.from_dict(f) for f in ctx["filesystems"]]
     if plan.get("os") == "none":
         note = "data-only VM (options.os: none): no operating system expected, none fixed"
@@ -178,7 +182,7 @@ def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
     parts = [Partition.from_dict(p) for p in ctx["partitions"]]
     mode = _fix_mode(plan)
     mounts = {int(n): _mount_result(m) for n, m in report["mounts"].items()}
-    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    g = VMCraft.resume(policy.state_dir_for(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
     try:
         tree_notes = g.mount_guest_tree(root, mounts)
         prep = prepare_guest(
@@ -217,7 +221,7 @@ def finalize(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[
     Only a guest that `fix` judged ready gets here (or a declared data-only VM).
     """
     rt = runtime()
-    plan = ctx["plan"]
+    plan = policy.plan_of(rt, ctx)
     # A data-only VM has nothing to boot: its disks are attached to another domain.
     xml_path = None if report.get("data_only") else write_domain_xml(plan, report)
     report = {**report, "libvirt_xml": xml_path, "conversions": ctx.get("conversions", [])}
@@ -227,9 +231,32 @@ def finalize(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[
 
 
 def end_batch_vm(ctx: dict[str, Any]) -> None:
-    """Write the VM's report (done or failed) and release its place in the batch."""
+    """Write the VM's report (done or failed) and release its place in the batch.
+
+    The report goes where the batch's own record (not the message) says, and only
+    if that is inside this host's output roots.
+    """
     rt = runtime()
-    record = rt.jobs.get(ctx["job_id"])
-    write_vm_report(ctx["plan"], record, rt.jobs.steps(ctx["job_id"]))
-    store = BatchStore(rt.state)
-    vm_ended(app, store, rt.jobs, ctx["batch"], ctx["vm_id"])
+    try:
+        vm = policy.plan_of(rt, ctx)
+    except policy.MessageRefused as exc:
+        log.warning("no report for %s: %s", ctx.get("job_id"), exc)
+        vm = None
+    if vm is not None:
+        record = rt.jobs.get(ctx["job_id"])
+        write_vm_report(vm, record, rt.jobs.steps(ctx["job_id"]))
+    if policy.names_batch_vm(ctx):
+        vm_ended(app, BatchStore(rt.state), rt.jobs, ctx["batch"], ctx["vm_id"])
+
+
+def _refuse_vm(rt: Any, ctx: dict[str, Any], exc: policy.MessageRefused) -> dict[str, Any]:
+    """This host will not run the VM as asked: it fails, with why, and the batch goes on."""
+    log.warning("refused %s: %s", ctx.get("job_id"), exc)
+    try:
+        job_id = policy.job_id_of(ctx)
+    except policy.MessageRefused:
+        return {"ok": False, "error": f"refused: {exc}"}
+    if policy.names_batch_vm(ctx):
+        rt.jobs.fail(job_id, f"refused by host {rt.host_id}: {exc}")
+        end_batch_vm(ctx)
+    return {"job_id": job_id, "ok": False, "error": f"refused: {exc}"}

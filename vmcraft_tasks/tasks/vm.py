@@ -8,13 +8,14 @@ that replaces a task loses whatever followed that task in the caller's chain.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
 from celery import chain, chord
 
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, policy
 from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.errors import VMCraftError
@@ -25,10 +26,11 @@ from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.queues import INTAKE_QUEUE, pin
 from vmcraft_tasks.tasks.base import VMStep
-from vmcraft_tasks.validation import validate_image_path
 from worker import timeline
 from worker.reconcile import write_job_marker
 from worker.runtime import runtime
+
+log = logging.getLogger(__name__)
 
 HOST_FULL_RETRY_S = 0.5
 HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
@@ -38,18 +40,38 @@ def _ctx(job: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {**job, **extra}
 
 
+def _what_to_attach(rt: Any, job: dict[str, Any], *, migrating: bool) -> tuple[str, bool]:
+    """(image, readonly) as this worker's policy decides, whatever the message says."""
+    if not migrating:
+        return policy.inspect_request(job, rt.settings.image_roots).image, True
+    vm = policy.plan_of(rt, job)
+    target = vm["disks"][0]["target"]
+    if not os.path.isfile(target) or os.path.islink(target):
+        raise policy.MessageRefused(f"{target}: the converted copy is not there")
+    return target, not policy.write_mode(vm)
+
+
+def _refused(rt: Any, message: Any, exc: policy.MessageRefused) -> dict[str, Any]:
+    """A message this worker will not act on: the job (if it names a real one) fails."""
+    log.warning("refused a step message: %s", exc)
+    try:
+        job_id = policy.job_id_of(message)
+    except policy.MessageRefused:
+        return {"ok": False, "error": f"refused: {exc}"}
+    rt.jobs.fail(job_id, f"refused by host {rt.host_id}: {exc}")
+    return {"job_id": job_id, "ok": False, "error": f"refused: {exc}"}
+
+
 @app.task(name="vmcraft.vm.attach", bind=True, base=VMStep, max_retries=HOST_FULL_MAX_RETRIES)
 def attach(self: VMStep, job: dict[str, Any]) -> Any:
     """Take a slot on this host, attach the disk, and hand the VM to this host's queue."""
     rt = runtime()
-    job_id = job["job_id"]
-    migrating = "plan" in job  # a converted copy we own, in our output directory
+    migrating = "batch" in job  # the VM's converted copy, in its output folder
     try:
-        roots = () if migrating else rt.settings.image_roots
-        image = validate_image_path(job["image"], roots)
-    except ValueError as exc:
-        rt.jobs.fail(job_id, str(exc))
-        return {"job_id": job_id, "ok": False, "error": str(exc)}
+        job_id = policy.job_id_of(job)
+        image, readonly = _what_to_attach(rt, job, migrating=migrating)
+    except policy.MessageRefused as exc:
+        return _refused(rt, job, exc)
     if rt.leases.acquire(job_id) is None:
         # Full: put the VM back on the intake queue for any host, without blocking.
         raise self.retry(countdown=HOST_FULL_RETRY_S, queue=INTAKE_QUEUE)
@@ -57,7 +79,6 @@ def attach(self: VMStep, job: dict[str, Any]) -> Any:
         rt.leases.release(job_id)
         return {"job_id": job_id, "ok": False, "error": "job already ended"}
     rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, attached_at=time.time())
-    readonly = bool(job.get("readonly", True))
     try:
         g = VMCraft(image, readonly=readonly, settings=rt.craft_settings, cache=rt.cache).launch()
     except VMCraftError as exc:
@@ -81,7 +102,7 @@ def scan(self: VMStep, ctx: dict[str, Any]) -> Any:
     rt = runtime()
     job_id = ctx["job_id"]
     rt.jobs.transition(job_id, jobs.SCANNING)
-    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    g = VMCraft.resume(policy.state_dir_for(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
     try:
         with commands.recorded() as ran:
             parts = g.list_partitions()
@@ -122,7 +143,7 @@ def vm_tail(ctx: dict[str, Any]) -> Any:
     header = [guarded(mount_partition.si(slim, n, types.get(n))) for n in ctx["mount_targets"]]
     body = guarded(inspect_vm.s(ctx)) if header else guarded(inspect_vm.si([], ctx))
     steps: list[Any] = [chord(header, body) if header else body]
-    if "plan" in ctx:
+    if "batch" in ctx:
         from vmcraft_tasks.tasks.migrate import finalize, fix
 
         steps += [guarded(fix.s(ctx)), guarded(detach.s(ctx)), guarded(finalize.s(ctx))]
@@ -142,7 +163,9 @@ def mount_partition(
     token = f"{job_id}:{number}"
     with rt.mount_slots.hold(token, timeout_s=rt.settings.mount_wait_s):
         started = time.time()
-        g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+        g = VMCraft.resume(
+            policy.state_dir_for(rt, ctx), settings=rt.craft_settings, cache=rt.cache
+        )
         try:
             # The scan already knew the type: no cache round trip to ask again.
             result = g.mount_with_fallback(number, private_mountpoint(g, number), fstype)
@@ -166,7 +189,7 @@ def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], ctx: dict[str, Any]) 
         m["partition"]: MountResult(**{k: v for k, v in m.items() if k != "partition"})
         for m in mounts
     }
-    g = VMCraft.resume(ctx["state_dir"], settings=rt.craft_settings, cache=rt.cache)
+    g = VMCraft.resume(policy.state_dir_for(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
     try:
         roots = find_roots(g, parts, filesystems, results)
         attach = {
@@ -192,7 +215,7 @@ def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], ctx: dict[str, Any]) 
 def release_cancelled(ctx: dict[str, Any]) -> None:
     """A step found its VM cancelled: release what it holds here and end it."""
     _release(ctx)
-    if "plan" in ctx:
+    if "batch" in ctx:
         vm_finished(ctx)
 
 
@@ -206,9 +229,14 @@ def vm_finished(ctx: dict[str, Any]) -> None:
 def _release(ctx: dict[str, Any]) -> None:
     """Detach the disk (if still attached here) and give the slot back."""
     rt = runtime()
-    state_dir = ctx.get("state_dir")
-    if state_dir and os.path.isdir(state_dir):
-        VMCraft.resume(state_dir, settings=rt.craft_settings, cache=rt.cache).shutdown()
+    if ctx.get("state_dir") and os.path.isdir(ctx["state_dir"]):
+        try:
+            state_dir = policy.state_dir_for(rt, ctx)
+        except policy.MessageRefused as exc:
+            # Not an attach this host made for this job: nothing of it is released.
+            log.warning("not releasing %s: %s", ctx.get("state_dir"), exc)
+        else:
+            VMCraft.resume(state_dir, settings=rt.craft_settings, cache=rt.cache).shutdown()
     if not rt.leases.release(ctx["job_id"]):
         return  # released before (an errback after a cancel, say): record the VM once
     record = rt.jobs.get(ctx["job_id"])
@@ -224,7 +252,7 @@ def detach(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[st
     rt = runtime()
     rt.jobs.transition(ctx["job_id"], jobs.DETACHING)
     _release(ctx)
-    if "plan" not in ctx:  # a migration ends in `finalize`, which writes its reports
+    if "batch" not in ctx:  # a migration ends in `finalize`, which writes its reports
         rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
     return report
 
@@ -270,6 +298,6 @@ def detach_on_error(
         )
     _release(ctx)
     rt.jobs.fail(ctx["job_id"], reason)
-    if "plan" in ctx:
+    if "batch" in ctx:
         vm_finished(ctx)
     return {"job_id": ctx["job_id"], "ok": False, "error": reason}
