@@ -3,8 +3,10 @@
 FROM python:3.11-slim-bookworm
 
 # The tools VMCraft runs: the APT_PACKAGES of scripts/setup.sh, without redis-server
-# (Redis runs in its own containers) and libvirt-clients (nothing in these services
-# calls virsh; the domain XML is written as a file).
+# (Redis runs in its own containers), libvirt-clients (nothing in these services
+# calls virsh; the domain XML is written as a file) and what only the tests use to
+# build and boot sample guests (debootstrap, qemu-system-x86, seabios, ipxe-qemu,
+# busybox-static). bubblewrap is the sandbox of the guest's initramfs generator.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         qemu-utils \
@@ -21,6 +23,9 @@ RUN apt-get update \
         fusefat \
         fuse3 \
         libhivex-bin libxml2-utils \
+        bubblewrap \
+        cpio \
+        zstd \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
@@ -37,5 +42,8 @@ COPY scheduler ./scheduler
 RUN pip install .
 
 # Root on purpose: attaching disks (qemu-nbd, loop devices, FUSE) and mounting guest
-# filesystems need it. Only the worker also needs `privileged` (see docker-compose.yml).
+# filesystems need it. The image is never run privileged: docker-compose.yml gives the
+# worker only /dev/fuse, /dev/loop-control, loop devices and CAP_SYS_ADMIN, and Flower
+# no capability at all. No secret is built in: passwords come from the environment
+# (.env is in .dockerignore).
 CMD ["celery", "-A", "vmcraft_tasks", "worker", "-l", "info"]

@@ -27,6 +27,15 @@ class BatchError(RuntimeError):
     pass
 
 
+class BatchNotFoundError(BatchError):
+    """The batch, or the job record of one of its VMs, is not on this fleet: never
+    submitted, expired, or lost with a Redis that came back empty."""
+
+    def __init__(self, batch: str, message: str | None = None) -> None:
+        self.batch = batch
+        super().__init__(message or f"no batch {batch!r} on this fleet")
+
+
 @dataclass
 class VMStatus:
     vm_id: str
@@ -76,6 +85,13 @@ def _store(client: FleetClient) -> BatchStore:
     return BatchStore(client.state)
 
 
+def _existing(client: FleetClient, batch: str) -> BatchStore:
+    store = _store(client)
+    if not store.exists(batch):
+        raise BatchNotFoundError(batch)
+    return store
+
+
 def submit_batch(
     client: FleetClient,
     manifest: str | BatchPlan,
@@ -92,7 +108,10 @@ def submit_batch(
         plan, failed = manifest, dict(failed or {})
     else:
         plan, failed = load_for_run(
-            manifest, image_roots=client.settings.image_roots, strict=strict
+            manifest,
+            image_roots=client.settings.image_roots,
+            output_roots=client.settings.output_roots,
+            strict=strict,
         )
     if not client.online_hosts():
         raise NoHostOnlineError(client.settings.broker_url)
@@ -126,8 +145,24 @@ def fleet_capacity(client: FleetClient) -> int:
     return max(slots, 1)
 
 
+def _plan(store: BatchStore, batch: str) -> dict[str, Any]:
+    try:
+        return store.plan(batch)
+    except KeyError:  # gone since `_existing` looked (expired, or Redis flushed)
+        raise BatchNotFoundError(batch) from None
+
+
 def _record(client: FleetClient, batch: str, vm_id: str) -> JobRecord:
-    return client.jobs.get(job_id_for(batch, vm_id))
+    try:
+        return client.jobs.get(job_id_for(batch, vm_id))
+    except JobNotFoundError:
+        # Job records live 14 days, batches 30, and a Redis restarted without its data
+        # loses both: say which VM is gone instead of a KeyError.
+        raise BatchNotFoundError(
+            batch,
+            f"batch {batch!r} is incomplete on this fleet: VM {vm_id!r} has no job record "
+            "(expired, or lost by Redis); `resume` runs it again",
+        ) from None
 
 
 def batch_status(
@@ -135,9 +170,7 @@ def batch_status(
 ) -> BatchStatus:
     """Where every VM stands. Also the watchdog: stalled VMs are failed with a reason,
     and VMs that ended unnoticed (a killed worker) release their place in the batch."""
-    store = _store(client)
-    if not store.exists(batch):
-        raise BatchError(f"no batch {batch!r}")
+    store = _existing(client, batch)
     now = time.time()
     status = BatchStatus(batch)
     for vm_id in store.vm_ids(batch):
@@ -168,9 +201,7 @@ def _last_update(client: FleetClient, record: JobRecord) -> float | None:
 def cancel_batch(client: FleetClient, batch: str) -> list[str]:
     """Cancel every VM that has not ended: waiting ones never start, running ones stop at
     their next step and release what they hold. Returns the VMs cancelled."""
-    store = _store(client)
-    if not store.exists(batch):
-        raise BatchError(f"no batch {batch!r}")
+    store = _existing(client, batch)
     waiting = set(store.drop_pending(batch))
     cancelled = []
     for vm_id in store.vm_ids(batch):
@@ -192,9 +223,7 @@ def cancel_batch(client: FleetClient, batch: str) -> list[str]:
 def resume_batch(client: FleetClient, batch: str) -> list[str]:
     """Run again only what did not finish: failed, cancelled and never-started VMs.
     Conversions that completed are not redone (their targets are checked and kept)."""
-    store = _store(client)
-    if not store.exists(batch):
-        raise BatchError(f"no batch {batch!r}")
+    store = _existing(client, batch)
     again = []
     for vm_id in store.vm_ids(batch):
         job_id = job_id_for(batch, vm_id)
@@ -210,7 +239,7 @@ def resume_batch(client: FleetClient, batch: str) -> list[str]:
             and record.status != jobs.QUEUED
         ):
             continue  # still running
-        plan = store.plan(batch)
+        plan = _plan(store, batch)
         vm = next(v for v in plan["vms"] if v["id"] == vm_id)
         client.jobs.create(job_id, vm["disks"][0]["source"], batch=batch)
         again.append(vm_id)
@@ -224,7 +253,7 @@ def batch_report(client: FleetClient, batch: str) -> dict[str, Any]:
     from vmcraft_tasks.outputs import write_batch_summary
 
     store = _store(client)
-    plan = store.plan(batch)
+    plan = _plan(store, batch)
     records = {vm["id"]: _record(client, batch, vm["id"]) for vm in plan["vms"]}
     steps = {vm_id: client.jobs.steps(r.job_id) for vm_id, r in records.items()}
     meta = store.meta(batch)

@@ -10,6 +10,12 @@ vmcraft-tasks cancel BATCH              stop every VM that has not ended
 vmcraft-tasks resume BATCH              run again what did not finish
 vmcraft-tasks report BATCH              write the reports again and print the summary
 vmcraft-tasks inspect IMAGE [--json]    inspect one image on the fleet
+
+Exit codes: 0 done; 1 the work ran and did not succeed (a VM failed, no host is
+online); 2 it could not be carried out: an invalid manifest or settings, a broker
+that cannot be reached or refuses us, a batch or job that is not on the fleet, a
+wait that timed out; 130 interrupted. Errors are one line on stderr (a manifest's
+problems: one line each), with every URL's password masked.
 """
 
 from __future__ import annotations
@@ -25,28 +31,41 @@ from scheduler import batch as batch_api
 from scheduler.embedded_run import broker_configured, embedded_fleet, say
 from scheduler.intake import load_for_run
 from scheduler.manifest import ManifestError
-from scheduler.submit import FleetClient, NoHostOnlineError
+from scheduler.submit import (
+    BROKER_ERRORS,
+    BrokerUnavailableError,
+    FleetClient,
+    FleetSettingsError,
+    NoHostOnlineError,
+)
 from scheduler.watch import watch_batch
-from vmcraft_tasks.config import FleetSettings
+from vmcraft_tasks.config import DEFAULT_REDIS, FleetSettings
 from vmcraft_tasks.craft.render import render_report
+from vmcraft_tasks.craft.textsafe import for_terminal
+from vmcraft_tasks.jobs import JobNotFoundError
 from vmcraft_tasks.reports import render_markdown
+from vmcraft_tasks.urls import mask_urls_in
+
+EXIT_FAILED = 1  # the work ran and did not succeed
+EXIT_UNAVAILABLE = 2  # the command could not be carried out at all
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     client = FleetClient.from_env()
     started = time.perf_counter()
     try:
-        job_id = client.submit_inspect(args.image)
-        record = client.wait(job_id, args.timeout)
+        with client.broker_errors():
+            job_id = client.submit_inspect(args.image)
+            record = client.wait(job_id, args.timeout)
     finally:
         client.close()
     elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
     if not record.finished:
-        say(f"vmcraft-tasks: job {job_id} still {record.status} after {args.timeout:.0f} s")
-        return 2
+        return _fail(
+            f"job {job_id} still {record.status} after {args.timeout:.0f} s", EXIT_UNAVAILABLE
+        )
     if record.status != "done" or record.result is None:
-        say("vmcraft-tasks: " + " ".join((record.error or record.status).split()))
-        return 1
+        return _fail(record.error or record.status, EXIT_FAILED)
     report = {**record.result, "elapsed_ms": elapsed_ms, "job_id": job_id}
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else render_report(report))
     return 0
@@ -61,26 +80,44 @@ def _finish(client: FleetClient, name: str, started: float) -> int:
     return 0 if counts["by_status"].get("done", 0) == counts["total"] else 1
 
 
+def _announce(failed: dict[str, str]) -> None:
+    for vm_id, reason in failed.items():
+        say(for_terminal(f"{vm_id} will fail: {reason}"))
+
+
 def run_batch(manifest: str, *, hosts: int, concurrency: int) -> int:
     # Validate before starting anything, against the image roots this fleet allows.
-    roots = FleetSettings.from_env().image_roots
-    plan, failed = load_for_run(manifest, image_roots=roots)
-    for vm_id, reason in failed.items():
-        say(f"{vm_id} will fail: {reason}")
+    settings = _settings()
+    plan, failed = load_for_run(
+        manifest, image_roots=settings.image_roots, output_roots=settings.output_roots
+    )
     started = time.monotonic()
     if broker_configured():
         client = FleetClient.from_env()
         try:
-            name = batch_api.submit_batch(client, plan, failed=failed)
-            watch_batch(client, name)
-            return _finish(client, name, started)
+            # A broker that cannot be reached is the one line this run prints, not the
+            # last line after every VM's warning.
+            client.ping()
+            _announce(failed)
+            with client.broker_errors():
+                name = batch_api.submit_batch(client, plan, failed=failed)
+                watch_batch(client, name)
+                return _finish(client, name, started)
         finally:
             client.close()
+    _announce(failed)
     say(f"no broker configured: starting a private fleet ({hosts} hosts)")
-    with embedded_fleet(hosts, concurrency=concurrency) as client:
+    with embedded_fleet(hosts, concurrency=concurrency) as client, client.broker_errors():
         name = batch_api.submit_batch(client, plan, failed=failed)
         watch_batch(client, name)
         return _finish(client, name, started)
+
+
+def _settings() -> FleetSettings:
+    try:
+        return FleetSettings.from_env()
+    except ValueError as exc:
+        raise FleetSettingsError(f"invalid fleet settings: {mask_urls_in(str(exc))}") from exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -102,7 +139,8 @@ def _with_client(func: Any) -> Any:
     def wrapper(args: argparse.Namespace) -> int:
         client = FleetClient.from_env()
         try:
-            return int(func(client, args))
+            with client.broker_errors():
+                return int(func(client, args))
         finally:
             client.close()
 
@@ -195,16 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    """One line on stderr: messages quote guest text and server replies, so newlines
+    are folded and every URL's password is masked here, whoever wrote the message."""
+    say("vmcraft-tasks: " + for_terminal(mask_urls_in(message)))
+    return code
+
+
+def _configured_broker() -> str:
+    try:
+        return FleetSettings.from_env().broker_url
+    except ValueError:
+        return f"{DEFAULT_REDIS}/0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except ManifestError as exc:
-        say(f"vmcraft-tasks: invalid manifest:\n{exc}")
-        return 2
+        # One problem per line, by design: a manifest is fixed all at once.
+        say(mask_urls_in(f"vmcraft-tasks: invalid manifest:\n{exc}"))
+        return EXIT_UNAVAILABLE
+    except (BrokerUnavailableError, FleetSettingsError, batch_api.BatchNotFoundError) as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    except JobNotFoundError as exc:
+        # KeyError's str() is a repr; say what it means instead.
+        return _fail(
+            f"no job record {exc.job_id!r} on this fleet (expired, or lost by Redis)",
+            EXIT_UNAVAILABLE,
+        )
     except (NoHostOnlineError, batch_api.BatchError) as exc:
-        say(f"vmcraft-tasks: {exc}")
-        return 1
+        return _fail(str(exc), EXIT_FAILED)
+    except BROKER_ERRORS as exc:
+        # Raised outside a command's broker_errors block (a private fleet starting).
+        return _fail(str(BrokerUnavailableError(_configured_broker(), exc)), EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         return 130
 

@@ -32,11 +32,15 @@ def is_vm_image_problem(problem: Problem) -> bool:
 
 
 def load_for_run(
-    path: str, *, image_roots: Sequence[str] = (), strict: bool = False
+    path: str,
+    *,
+    image_roots: Sequence[str] = (),
+    output_roots: Sequence[str] = (),
+    strict: bool = False,
 ) -> tuple[BatchPlan, dict[str, str]]:
     """The plan and, per VM whose disks cannot be used, the reason it will fail."""
     try:
-        return load_manifest(path, image_roots=image_roots), {}
+        return load_manifest(path, image_roots=image_roots, output_roots=output_roots), {}
     except ManifestError as exc:
         if strict or not all(is_vm_image_problem(p) for p in exc.problems):
             raise
@@ -44,5 +48,7 @@ def load_for_run(
         for problem in exc.problems:
             assert problem.vm is not None
             failed.setdefault(problem.vm, str(problem))
-        plan = load_manifest(path, image_roots=image_roots, check_files=False)
+        plan = load_manifest(
+            path, image_roots=image_roots, output_roots=output_roots, check_files=False
+        )
         return plan, failed

@@ -12,13 +12,22 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
 
 from vmcraft_tasks.craft.errors import ImageError
 from vmcraft_tasks.craft.images import FORMAT_HINTS, SUPPORTED_FORMATS, ImageInfo, probe_image
+from vmcraft_tasks.outfiles import (
+    Confined,
+    OutputPathError,
+    confine,
+    disk_file_name,
+    vm_file_names,
+    vm_id_problem,
+    within,
+)
 
 Probe = Callable[[str], ImageInfo]
 
@@ -179,6 +188,9 @@ class VMPlan:
     memory_mib: int = 2048
     vcpus: int = 2
     network: str = "default"
+    # The output root (resolved) the client checked output_dir against; a worker without
+    # VMCRAFT_OUTPUT_ROOTS of its own checks every path it writes against this one.
+    output_root: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +207,7 @@ class VMPlan:
             "memory_mib": self.memory_mib,
             "vcpus": self.vcpus,
             "network": self.network,
+            "output_root": self.output_root,
         }
 
     @classmethod
@@ -214,6 +227,7 @@ class VMPlan:
             memory_mib=int(data["memory_mib"]),
             vcpus=int(data["vcpus"]),
             network=data["network"],
+            output_root=data.get("output_root"),
         )
 
 
@@ -223,6 +237,9 @@ class BatchPlan:
     manifest_path: str | None
     limits: BatchLimits
     vms: tuple[VMPlan, ...]
+    # The one folder the batch summary goes to, and the output root it was checked under.
+    summary_dir: str | None = None
+    summary_root: str | None = None
 
     def vms_by_priority(self) -> tuple[VMPlan, ...]:
         """Higher priority first; equal priorities keep manifest order (sorted is stable)."""
@@ -234,6 +251,8 @@ class BatchPlan:
             "manifest_path": self.manifest_path,
             "limits": self.limits.to_dict(),
             "vms": [vm.to_dict() for vm in self.vms],
+            "summary_dir": self.summary_dir,
+            "summary_root": self.summary_root,
         }
 
     @classmethod
@@ -243,6 +262,8 @@ class BatchPlan:
             manifest_path=data.get("manifest_path"),
             limits=BatchLimits.from_dict(data.get("limits") or {}),
             vms=tuple(VMPlan.from_dict(vm) for vm in data["vms"]),
+            summary_dir=data.get("summary_dir"),
+            summary_root=data.get("summary_root"),
         )
 
 
@@ -348,10 +369,15 @@ def load_manifest(
     path: str,
     *,
     image_roots: Sequence[str] = (),
+    output_roots: Sequence[str] = (),
     check_files: bool = True,
     probe: Probe = probe_image,
 ) -> BatchPlan:
-    """Read and check the YAML or JSON manifest at `path`; raise ManifestError if unusable."""
+    """Read and check the YAML or JSON manifest at `path`; raise ManifestError if unusable.
+
+    `output_roots` (VMCRAFT_OUTPUT_ROOTS) bound where outputs may go; without them, the
+    manifest's own folder is the only output root.
+    """
     path = os.path.abspath(path)
     data = _read(path)
     if not isinstance(data, Mapping):
@@ -360,6 +386,7 @@ def load_manifest(
         data,
         base_dir=os.path.dirname(path),
         image_roots=image_roots,
+        output_roots=output_roots,
         check_files=check_files,
         probe=probe,
     )
@@ -465,6 +492,18 @@ def _identifier(
         problems.append(here.problem(f"invalid id {value!r}: cannot be only dots"))
         return None
     return value
+
+
+def _vm_identifier(raw: Mapping[Any, Any], where: _Where, problems: list[Problem]) -> str | None:
+    """A VM id, which also names its files: it must not take a name the tool uses."""
+    vm_id = _identifier(raw, "id", where, problems)
+    if vm_id is None:
+        return None
+    reserved = vm_id_problem(vm_id)
+    if reserved:
+        problems.append(where.key("id").problem(f"reserved id: {reserved}"))
+        return None
+    return vm_id
 
 
 # --- sections ---------------------------------------------------------------------
@@ -580,6 +619,9 @@ class _Context:
     check_files: bool
     probe: Probe
     default_output_dir: str
+    output_roots: tuple[str, ...] = ()
+    # Each output folder is checked once; a bad default is reported once, not per VM.
+    folders: dict[str, Confined | OutputPathError] = field(default_factory=dict)
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
@@ -661,7 +703,36 @@ def _parse_disks(
 
 def disk_target(output_dir: str, vm_id: str, index: int, target_format: str) -> str:
     """Where disk `index` (0-based, as in the manifest) of a VM is converted to."""
-    return os.path.join(output_dir, f"{vm_id}-disk{index}.{target_format}")
+    return os.path.join(output_dir, disk_file_name(vm_id, index, target_format))
+
+
+def _output_folder(
+    path: str, origin: _Where, ctx: _Context, problems: list[Problem]
+) -> Confined | None:
+    """The checked output folder; a problem at `origin` (once per folder unless `origin`
+    is the VM's own field) when it lies outside the output roots or is unsafe."""
+    first = path not in ctx.folders
+    if first:
+        try:
+            ctx.folders[path] = confine(path, ctx.output_roots)
+        except OutputPathError as exc:
+            ctx.folders[path] = exc
+    checked = ctx.folders[path]
+    if isinstance(checked, Confined):
+        return checked
+    if first or origin.vm is not None:
+        prefix = "" if origin.path else "the default output folder "
+        problems.append(origin.problem(f"{prefix}{checked}"))
+    return None
+
+
+def _output_origin(own: Mapping[Any, Any], defaults: Mapping[str, Any], where: _Where) -> _Where:
+    """Where a VM's output_dir came from, to name it in a problem."""
+    if "output_dir" in own:
+        return where.key("output_dir")
+    if "output_dir" in defaults:
+        return _Where(None, "defaults.output_dir")
+    return _Where(None, "")
 
 
 def _parse_vm(
@@ -677,15 +748,19 @@ def _parse_vm(
     label = raw.get("id")
     where = _Where(label if isinstance(label, str) and label else None, where.path)
     _check_keys(raw, VM_KEYS, where, problems)
-    vm_id = _identifier(raw, "id", where, problems)
+    vm_id = _vm_identifier(raw, where, problems)
     settings = {
         **VM_DEFAULTS,
         "output_dir": ctx.default_output_dir,
         **_merge(defaults, _parse_settings(raw, where, ctx.base_dir, problems)),
     }
+    folder = _output_folder(
+        settings["output_dir"], _output_origin(raw, defaults, where), ctx, problems
+    )
     disks = _parse_disks(raw, where, ctx, problems)
-    if vm_id is None or disks is None:
+    if vm_id is None or disks is None or folder is None:
         return None
+    settings["output_dir"] = folder.path  # symlink-free, as the worker will check it
     return VMPlan(
         id=vm_id,
         disks=tuple(
@@ -708,6 +783,7 @@ def _parse_vm(
         memory_mib=settings["memory_mib"],
         vcpus=settings["vcpus"],
         network=settings["network"],
+        output_root=folder.root,
     )
 
 
@@ -745,7 +821,27 @@ def _parse_vms(
         if plan is not None:
             plans.append((index, plan))
     _check_targets(plans, where, problems)
+    _check_output_names(plans, where, problems)
     return tuple(plan for _, plan in plans)
+
+
+def _check_output_names(
+    plans: Sequence[tuple[int, VMPlan]], where: _Where, problems: list[Problem]
+) -> None:
+    # Reserved ids already keep names apart; this catches whatever they miss, so no
+    # VM's file can ever be written over another's (case-folded: outputs may live on a
+    # case-insensitive share).
+    owners: dict[tuple[str, str], str] = {}
+    for index, plan in plans:
+        for name in vm_file_names(plan.id, len(plan.disks), plan.target_format):
+            key = (plan.output_dir, name.casefold())
+            other = owners.setdefault(key, plan.id)
+            if other != plan.id:
+                problems.append(
+                    _Where(plan.id, where.item(index).key("id").path).problem(
+                        f"its file {name} in {plan.output_dir} is also a file of VM {other!r}"
+                    )
+                )
 
 
 def _check_targets(
@@ -769,13 +865,16 @@ def parse_manifest(
     *,
     base_dir: str,
     image_roots: Sequence[str] = (),
+    output_roots: Sequence[str] = (),
     check_files: bool = True,
     probe: Probe = probe_image,
 ) -> BatchPlan:
     """Check parsed manifest data and build its plan; raise ManifestError with every problem.
 
-    Relative paths are taken from `base_dir` (the manifest's directory). Only the disk
-    checks touch the file system, through `probe`, and only when `check_files` is set.
+    Relative paths are taken from `base_dir` (the manifest's directory), which is also
+    the only output root unless `output_roots` are given. The disk checks touch the file
+    system through `probe` (only when `check_files` is set); the output folder checks
+    lstat the parts of each folder that exist.
     """
     if not isinstance(data, Mapping):
         raise ManifestError([_not_a_mapping(data)])
@@ -789,15 +888,54 @@ def parse_manifest(
     raw_defaults = _section(data.get("defaults"), defaults_where, problems)
     _check_keys(raw_defaults, DEFAULT_KEYS, defaults_where, problems)
     defaults = _parse_settings(raw_defaults, defaults_where, base_dir, problems)
+    out_roots = tuple(output_roots) or (base_dir,)
+    # With no valid batch id the manifest is refused anyway; any name keeps going.
+    name = batch or "batch"
     ctx = _Context(
         base_dir=base_dir,
         roots=tuple(os.path.realpath(r) for r in image_roots),
         check_files=check_files,
         probe=probe,
-        # With no valid batch id the manifest is refused anyway; any name keeps going.
-        default_output_dir=os.path.join(base_dir, batch or "batch"),
+        default_output_dir=_default_output_dir(base_dir, name, out_roots),
+        output_roots=out_roots,
     )
     vms = _parse_vms(data.get("vms"), top.key("vms"), defaults, ctx, problems)
-    if problems or batch is None:
+    summary = _summary_folder(vms, name, ctx, problems)
+    if problems or batch is None or summary is None:
         raise ManifestError(problems)
-    return BatchPlan(batch=batch, manifest_path=None, limits=limits, vms=vms)
+    return BatchPlan(
+        batch=batch,
+        manifest_path=None,
+        limits=limits,
+        vms=vms,
+        summary_dir=summary.path,
+        summary_root=summary.root,
+    )
+
+
+def _default_output_dir(base_dir: str, batch: str, output_roots: Sequence[str]) -> str:
+    """`<manifest dir>/<batch>`, or `<first output root>/<batch>` when the manifest's
+    folder is not under the output roots."""
+    beside = os.path.join(base_dir, batch)
+    return beside if within(beside, output_roots) else os.path.join(output_roots[0], batch)
+
+
+def _summary_folder(
+    vms: Sequence[VMPlan], batch: str, ctx: _Context, problems: list[Problem]
+) -> Confined | None:
+    """The ONE folder the batch summary goes to: the VMs' folder when they share one,
+    else `<output root of the first VM>/<batch>`; never a parent both happen to share."""
+    if not vms:
+        return None
+    first = vms[0]
+    root = first.output_root or ctx.output_roots[0]
+    if all(vm.output_dir == first.output_dir for vm in vms):
+        path = first.output_dir
+    else:
+        path = os.path.join(root, batch)
+    try:
+        summary = confine(path, (root,))
+    except OutputPathError as exc:
+        problems.append(Problem(None, "", f"the batch summary folder {exc}"))
+        return None
+    return summary

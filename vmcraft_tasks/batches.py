@@ -153,6 +153,29 @@ class BatchStore:
         """Release the VM's place in the batch; True only the first time."""
         return bool(self._end(keys=[_k(batch, "ended"), _k(batch, "inflight")], args=[vm_id]))
 
+    def ended_ids(self, batch: str) -> set[str]:
+        return {_text(v) for v in self.client.smembers(_k(batch, "ended"))}
+
+    def pending_ids(self, batch: str) -> set[str]:
+        members: list[Any] = list(self.client.zrange(_k(batch, "pending"), 0, -1))
+        return {_text(v) for v in members}
+
+    def unfinished(self) -> list[str]:
+        """Batches that exist and have VMs that did not end (one round trip)."""
+        names = self.batches()
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(_k(name, "meta"))
+            pipe.llen(_k(name, "vms"))
+            pipe.scard(_k(name, "ended"))
+        replies: list[Any] = pipe.execute()
+        found = []
+        for i, name in enumerate(names):
+            exists, total, ended = replies[3 * i : 3 * i + 3]
+            if exists and int(ended) < int(total):
+                found.append(name)
+        return found
+
     def counts(self, batch: str) -> BatchCounts:
         pipe = self.client.pipeline()
         pipe.llen(_k(batch, "vms"))
@@ -167,7 +190,7 @@ class BatchStore:
         return [_text(b) for b in names]
 
 
-def dispatch(store: BatchStore, batch: str, send: Callable[[str], None]) -> list[str]:
+def dispatch(store: BatchStore, batch: str, send: Callable[[str], object]) -> list[str]:
     """Start waiting VMs while the batch has room; returns the ids started."""
     started: list[str] = []
     while True:

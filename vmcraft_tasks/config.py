@@ -7,6 +7,7 @@ disagree between them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
@@ -33,7 +34,17 @@ def _roots(raw: str | None) -> tuple[str, ...]:
     return tuple(os.path.abspath(p) for p in raw.split(":") if p)
 
 
-@dataclass(frozen=True)
+def _output_roots(raw: str | None) -> tuple[str, ...]:
+    """VMCRAFT_OUTPUT_ROOTS: absolute folders only. A relative root would depend on each
+    worker's current directory, which is no policy at all."""
+    roots = tuple(p for p in (raw or "").split(":") if p)
+    relative = [p for p in roots if not os.path.isabs(p)]
+    if relative:
+        raise ValueError(f"VMCRAFT_OUTPUT_ROOTS must list absolute folders, not {relative[0]!r}")
+    return tuple(os.path.normpath(p) for p in roots)
+
+
+@dataclass(frozen=True, repr=False)
 class FleetSettings:
     broker_url: str = f"{DEFAULT_REDIS}/0"
     result_backend: str = f"{DEFAULT_REDIS}/1"
@@ -41,6 +52,9 @@ class FleetSettings:
     host_id: str = field(default_factory=socket.gethostname)
     work_dir: str = "/run/vmcraft"
     image_roots: tuple[str, ...] = ()
+    # Where outputs may be written; () means: under the folder of the batch's manifest,
+    # as the client recorded it in the batch plan.
+    output_roots: tuple[str, ...] = ()
     max_attached: int = 4  # NBD slots: disks attached at once on one host
     max_mounts: int = 4  # concurrent mount operations on one host (the guide's max_workers)
     max_conversions: int = 2  # concurrent qemu-img convert on one host
@@ -67,6 +81,13 @@ class FleetSettings:
         if self.heartbeat_s >= self.lease_ttl_s:
             raise ValueError("VMCRAFT_HEARTBEAT_S must be shorter than VMCRAFT_LEASE_TTL_S")
 
+    def __repr__(self) -> str:
+        # Celery's `inspect conf` (Flower's Config tab) shows this object: no passwords.
+        from vmcraft_tasks.urls import mask_urls_in
+
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return mask_urls_in(f"FleetSettings({fields})")
+
     @classmethod
     def from_env(cls) -> FleetSettings:
         env = os.environ
@@ -78,6 +99,7 @@ class FleetSettings:
             host_id=env.get("VMCRAFT_HOST_ID") or socket.gethostname(),
             work_dir=env.get("VMCRAFT_WORK_DIR", "/run/vmcraft"),
             image_roots=_roots(env.get("VMCRAFT_IMAGE_ROOTS")),
+            output_roots=_output_roots(env.get("VMCRAFT_OUTPUT_ROOTS")),
             max_attached=_int("VMCRAFT_MAX_ATTACHED", 4),
             max_mounts=_int("VMCRAFT_MAX_MOUNTS", 4),
             max_conversions=_int("VMCRAFT_MAX_CONVERSIONS", 2),

@@ -1,19 +1,26 @@
 """Starting the migration of one VM of a batch: its job context and where it goes.
 
 Used both by the scheduler (first dispatch) and by the step that ends a VM (the
-batch then starts its next VM by itself).
+batch then starts its next VM by itself), and by the fleet's own recovery: a VM
+handed back to the queue (its host shut down mid-conversion, or went offline) is
+started again with a new start message, and a VM the reconciler or watchdog ended
+gets its report and releases its batch place the same way a step would.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from celery import Celery
 
 from vmcraft_tasks import jobs
 from vmcraft_tasks.batches import BatchStore, dispatch, job_id_for
-from vmcraft_tasks.jobs import JobStore
+from vmcraft_tasks.jobs import JobNotFoundError, JobStore
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
+
+log = logging.getLogger(__name__)
 
 START_TASK = "vmcraft.vm.start"
 
@@ -40,41 +47,103 @@ def vm_context(batch: str, vm: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def send_vm(app: Celery, store: BatchStore, batch: str, vm_id: str) -> None:
+def _attempts_key(batch: str) -> str:
+    return f"vmcraft:v1:batch:{batch}:attempts"
+
+
+def start_task_id(batch: str, vm_id: str, attempt: int) -> str:
+    return f"{job_id_for(batch, vm_id)}-start-{attempt}"
+
+
+def current_start_id(client: redis.Redis, batch: str, vm_id: str) -> str | None:
+    """The task id of the VM's latest start message (None: never sent, or forgotten)."""
+    raw = client.hget(_attempts_key(batch), vm_id)
+    return start_task_id(batch, vm_id, int(raw)) if raw is not None else None
+
+
+def send_vm(app: Celery, store: BatchStore, batch: str, vm_id: str) -> str:
+    """Send the VM's start message; returns its task id. Each send is a new attempt:
+    a start message of an older attempt that turns up later does nothing."""
     vm = vm_plan(store.plan(batch), vm_id)
     ctx = vm_context(batch, vm)
-    app.send_task(
-        START_TASK,
-        args=[ctx],
-        queue=start_queue(vm),
-        task_id=f"{ctx['job_id']}-start-{_attempt(store, batch, vm_id)}",
-    )
+    task_id = start_task_id(batch, vm_id, _attempt(store, batch, vm_id))
+    app.send_task(START_TASK, args=[ctx], queue=start_queue(vm), task_id=task_id)
+    return task_id
 
 
 def _attempt(store: BatchStore, batch: str, vm_id: str) -> int:
     """Task ids stay unique across resumes of the same VM."""
-    return int(store.client.hincrby(f"vmcraft:v1:batch:{batch}:attempts", vm_id, 1))
+    return int(store.client.hincrby(_attempts_key(batch), vm_id, 1))
+
+
+def requeue_vm(
+    app: Celery, store: BatchStore, job_store: JobStore, batch: str, vm_id: str, *, note: str
+) -> bool:
+    """Hand a VM that holds nothing on any host back to the queue, to start again
+    anywhere it may run; `note` says why (kept in its progress). False when the VM
+    ended meanwhile or its batch is gone."""
+    job_id = job_id_for(batch, vm_id)
+    if not store.exists(batch):
+        return False
+    if not job_store.transition(job_id, jobs.QUEUED, host=""):
+        return False
+    job_store.set_progress(job_id, requeued=note)
+    send_vm(app, store, batch, vm_id)
+    log.warning("VM %s requeued: %s", job_id, note)
+    return True
 
 
 def vm_ended(app: Celery, store: BatchStore, job_store: JobStore, batch: str, vm_id: str) -> None:
     """Release the VM's place in its batch (once) and start whatever may start now;
     the VM that ends the batch writes its summary."""
+    if not store.exists(batch):
+        # Redis lost the batch (a restart without persistence): nothing to account to.
+        log.warning("VM %s of batch %s ended, but the batch record is gone", vm_id, batch)
+        return
     if store.mark_ended(batch, vm_id):
         dispatch(store, batch, lambda next_id: _start(app, store, job_store, batch, next_id))
         write_summary_if_finished(store, job_store, batch)
+
+
+def finish_vm(app: Celery, client: redis.Redis, batch: str, vm_id: str) -> None:
+    """A VM ended without its own steps noticing (the reconciler or the watchdog ended
+    it): write its report as the last step would have, and let the batch move on."""
+    from vmcraft_tasks.outputs import write_vm_report
+
+    store = BatchStore(client)
+    job_store = JobStore(client)
+    if not store.exists(batch):
+        return
+    job_id = job_id_for(batch, vm_id)
+    try:
+        record = job_store.get(job_id)
+        plan = vm_plan(store.plan(batch), vm_id)
+    except (JobNotFoundError, KeyError):
+        return
+    if record.finished:
+        try:
+            write_vm_report(plan, record, job_store.steps(job_id))
+        except Exception as exc:  # a report that cannot be written must not stall the batch
+            log.warning("could not write the report of %s: %s", job_id, exc)
+    vm_ended(app, store, job_store, batch, vm_id)
 
 
 def write_summary_if_finished(store: BatchStore, job_store: JobStore, batch: str) -> bool:
     counts = store.counts(batch)
     if counts.pending or counts.ended < counts.total:
         return False
-    from vmcraft_tasks.batches import job_id_for
     from vmcraft_tasks.outputs import write_batch_summary
 
     plan = store.plan(batch)
     records = {vm["id"]: job_store.get(job_id_for(batch, vm["id"])) for vm in plan["vms"]}
     meta = store.meta(batch)
-    write_batch_summary(plan, records, started_at=float(meta.get("submitted") or 0))
+    from vmcraft_tasks.outfiles import OutputError
+
+    try:
+        write_batch_summary(plan, records, started_at=float(meta.get("submitted") or 0))
+    except OutputError as exc:
+        # The batch still ends; `vmcraft-tasks report` names the problem again.
+        log.warning("batch %s: no summary written: %s", batch, exc)
     return True
 
 

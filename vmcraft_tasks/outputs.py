@@ -1,4 +1,11 @@
-"""What a migration leaves on disk: the libvirt domain XML and the JSON/Markdown reports."""
+"""What a migration leaves on disk: the libvirt domain XML and the JSON/Markdown reports.
+
+Every file is written through `outfiles.OutputDir`: into a folder checked against the
+output roots (this process's `VMCRAFT_OUTPUT_ROOTS` when set, else the root the client
+recorded in the batch plan), never through a symlink, never over a file the tool did not
+make. Callers pass `settings_roots` (their FleetSettings.output_roots); None reads them
+from the environment, so a caller that forgets still checks against its own settings.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.guestcaps import caps_or_unknown
 from vmcraft_tasks.craft.libvirt import (
     DiskSpec,
@@ -20,7 +28,23 @@ from vmcraft_tasks.craft.libvirt import (
     validate_domain_xml,
 )
 from vmcraft_tasks.jobs import JobRecord
-from vmcraft_tasks.reports import batch_summary, disk_entry, fix_entry, vm_report, write_reports
+from vmcraft_tasks.outfiles import (
+    OutputDir,
+    OutputNameError,
+    OutputPathError,
+    check_output_dir,
+    check_vm_id,
+    disk_file_name,
+    output_roots_for,
+)
+from vmcraft_tasks.reports import (
+    batch_summary,
+    disk_entry,
+    fix_entry,
+    report_filename,
+    vm_report,
+    write_reports,
+)
 
 ESP_TYPES = frozenset({"c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "ef"})
 
@@ -34,6 +58,56 @@ STEP_OF_STATE = {
     "fixing": "fix",
     "detaching": "detach",
 }
+
+
+TARGET_FORMATS = ("qcow2", "raw")
+
+
+# --- where a VM writes ----------------------------------------------------------------
+
+
+def _own_roots(settings_roots: Sequence[str] | None) -> tuple[str, ...]:
+    if settings_roots is None:
+        return FleetSettings.from_env().output_roots
+    return tuple(settings_roots)
+
+
+def vm_output_roots(
+    vm: Mapping[str, Any], *, settings_roots: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """The roots every path a VM writes is checked against: the caller's own output
+    roots when set, else the one the client recorded in the VM's plan."""
+    return output_roots_for(_own_roots(settings_roots), vm.get("output_root"))
+
+
+def check_vm_outputs(vm: Mapping[str, Any], *, settings_roots: Sequence[str] | None = None) -> str:
+    """Check where a VM will write, as this host sees it; returns its output folder.
+
+    The id must not take one of the tool's names, the folder must be allowed under the
+    roots, and each disk target must be `<folder>/<vm>-disk<N>.<format>`, so a plan
+    cannot name any other file. Raises OutputError (a ValueError) with a one-line reason.
+    """
+    vm_id = check_vm_id(vm.get("id"))
+    folder = check_output_dir(vm["output_dir"], vm_output_roots(vm, settings_roots=settings_roots))
+    fmt = vm.get("target_format")
+    if fmt not in TARGET_FORMATS:
+        raise OutputNameError(f"VM {vm_id}: unsupported target format {fmt!r}")
+    for index, disk in enumerate(vm["disks"]):
+        expected = os.path.join(folder, disk_file_name(vm_id, index, str(fmt)))
+        if os.path.normpath(str(disk["target"])) != expected:
+            raise OutputPathError(
+                f"VM {vm_id}: disk {index} target {disk['target']} is not {expected}",
+                path=str(disk["target"]),
+            )
+    return folder
+
+
+def open_vm_output_dir(
+    vm: Mapping[str, Any], *, settings_roots: Sequence[str] | None = None
+) -> OutputDir:
+    """The VM's output folder, checked and opened (created 0750 when missing)."""
+    check_vm_id(vm.get("id"))
+    return OutputDir.open(vm["output_dir"], vm_output_roots(vm, settings_roots=settings_roots))
 
 
 def has_esp(partitions: Sequence[Mapping[str, Any]]) -> bool:
@@ -63,16 +137,20 @@ def domain_spec(vm: Mapping[str, Any], report: Mapping[str, Any]) -> DomainSpec:
     return defaults_from_guest(os_info, has_esp(report.get("partitions") or []), caps).apply(spec)
 
 
-def write_domain_xml(vm: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+def write_domain_xml(
+    vm: Mapping[str, Any],
+    report: Mapping[str, Any],
+    *,
+    settings_roots: Sequence[str] | None = None,
+) -> str:
     """Write `<output_dir>/<vm>.xml`, checked against libvirt's schema when the validator
-    is installed; returns its path."""
+    is installed; returns its path. Raises OutputError when it cannot go there."""
     spec = domain_spec(vm, report)
     xml = render_domain(spec)
     if shutil.which("virt-xml-validate"):
         validate_domain_xml(xml)
-    path = os.path.join(vm["output_dir"], f"{vm['id']}.xml")
-    _atomic_write(path, xml)
-    return path
+    with open_vm_output_dir(vm, settings_roots=settings_roots) as out:
+        return out.write_text(f"{vm['id']}.xml", xml, kind="xml")
 
 
 def step_timings(timestamps: Mapping[str, float]) -> dict[str, float]:
@@ -137,15 +215,39 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
     )
 
 
-def write_vm_report(vm: Mapping[str, Any], record: JobRecord, _steps: Any = None) -> str:
-    path = os.path.join(vm["output_dir"], f"{vm['id']}.json")
-    _atomic_write(path, json.dumps(vm_report_for(vm, record), indent=2, sort_keys=True) + "\n")
-    return path
+def write_vm_report(
+    vm: Mapping[str, Any],
+    record: JobRecord,
+    _steps: Any = None,
+    *,
+    settings_roots: Sequence[str] | None = None,
+) -> str:
+    """Write `<output_dir>/<vm>.json`; returns its path. Raises OutputError when it
+    cannot go there."""
+    text = json.dumps(vm_report_for(vm, record), indent=2, sort_keys=True) + "\n"
+    with open_vm_output_dir(vm, settings_roots=settings_roots) as out:
+        return out.write_text(report_filename(vm["id"]), text, kind="report")
+
+
+def summary_location(plan: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(folder, recorded output root) of the batch summary: the ONE place the manifest
+    loader chose. Plans recorded before it did get the same rule: the VMs' folder when
+    they share one, else `<first VM's output root>/<batch>`; never a common parent."""
+    if plan.get("summary_dir"):
+        return str(plan["summary_dir"]), plan.get("summary_root")
+    vms = plan["vms"]
+    first = vms[0]
+    root = first.get("output_root")
+    if all(vm["output_dir"] == first["output_dir"] for vm in vms):
+        return str(first["output_dir"]), root
+    if not root:
+        raise OutputPathError(f"batch {plan['batch']}: its plan records no summary folder")
+    return os.path.join(root, plan["batch"]), root
 
 
 def summary_dir(plan: Mapping[str, Any]) -> str:
-    """Where the batch summary goes: the directory all VM outputs share."""
-    return str(os.path.commonpath([vm["output_dir"] for vm in plan["vms"]]))
+    """Where the batch summary goes (see `summary_location`)."""
+    return summary_location(plan)[0]
 
 
 def write_batch_summary(
@@ -154,23 +256,18 @@ def write_batch_summary(
     _steps: Any = None,
     *,
     started_at: float,
+    settings_roots: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """Write every VM's report and summary.json/summary.md into the summary folder;
+    returns the summary with `reports_dir`. Raises OutputError (nothing written) when a
+    file the tool did not make is in the way, or the folder is not allowed."""
     reports = [vm_report_for(vm, records[vm["id"]]) for vm in plan["vms"]]
     finished = max(
         (max(r.timestamps.values()) for r in records.values() if r.timestamps),
         default=time.time(),
     )
     summary = batch_summary(plan["batch"], reports, started_at or finished, finished)
-    directory = summary_dir(plan)
-    write_reports(directory, reports, summary)
-    return {**summary, "reports_dir": directory}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    directory, recorded_root = summary_location(plan)
+    roots = output_roots_for(_own_roots(settings_roots), recorded_root)
+    written = write_reports(directory, reports, summary, roots=roots)
+    return {**summary, "reports_dir": os.path.dirname(written[-1])}

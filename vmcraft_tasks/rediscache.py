@@ -19,7 +19,6 @@ import json
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -29,6 +28,7 @@ from redis.retry import Retry
 
 from vmcraft_tasks.craft.cache import ScanCache
 from vmcraft_tasks.craft.errors import VMCraftError
+from vmcraft_tasks.urls import mask_url
 
 DEFAULT_NAMESPACE = "vmcraft:cache:v1"
 
@@ -106,7 +106,7 @@ class RedisScanCache(ScanCache):
         options.update(redis_kwargs)
         client = redis.Redis.from_url(url, **options)
         cache = cls(client, namespace=namespace, generation_ttl_s=generation_ttl_s)
-        cache.url = _redact(url)
+        cache.url = mask_url(url)
         return cache
 
     # -- ScanCache ----------------------------------------------------------------
@@ -172,19 +172,6 @@ def _to_ms(seconds: float) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _redact(url: str) -> str:
-    """`url` without its password, fit for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"  # IPv6 literals keep their brackets
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _describe_client(client: redis.Redis) -> str:

@@ -9,20 +9,19 @@ exactly as it did when it was written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from vmcraft_tasks.craft.render import human_size
+from vmcraft_tasks.craft.textsafe import for_markdown_cell
 from vmcraft_tasks.jobs import DONE
+from vmcraft_tasks.outfiles import FILE_MODE, OutputDir, OutputNameError, vm_id_problem
 
 REPORT_VERSION = 1
 SUMMARY_JSON = "summary.json"
@@ -311,16 +310,21 @@ def batch_summary(
 # --- Markdown ---------------------------------------------------------------------
 
 
-def _cell(value: Any, empty: str = "-") -> str:
-    """Text safe inside one Markdown table cell.
+# The widest a cell gets: a reason may quote a whole generator log; the JSON keeps it.
+MAX_CELL = 300
 
-    Backslashes first, then pipes: an escaped pipe must not be un-escaped by a
-    backslash the text itself ended with. A newline would end the table row.
+
+def _cell(value: Any, empty: str = "-") -> str:
+    """Text safe inside one Markdown table cell, and on the terminal `run` prints it to.
+
+    Guest text reaches these cells (OS names from os-release, failure reasons quoting
+    guest files): `for_markdown_cell` makes it one line, escapes control characters,
+    Markdown and HTML, and doubles backslashes before escaping pipes, so an escaped
+    pipe is never un-escaped by a backslash the text itself ended with.
     """
     if value is None or value == "":
         return empty
-    text = " ".join(str(value).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|")
+    return for_markdown_cell(value, max_len=MAX_CELL)
 
 
 def _duration(seconds: float | None) -> str:
@@ -355,11 +359,11 @@ def _fixes_cell(row: Mapping[str, Any]) -> str:
 def render_markdown(summary: Mapping[str, Any]) -> str:
     """The batch summary as Markdown: headline counts, a VM table, a per-step timing table."""
     counts = summary["counts"]
-    by_status = ", ".join(f"{n} {status}" for status, n in counts["by_status"].items())
+    by_status = ", ".join(f"{n} {_cell(status)}" for status, n in counts["by_status"].items())
     lines = [
         f"# Batch {_cell(summary['batch_id'])}",
         "",
-        f"Started {summary['started_at']}, finished {summary['finished_at']} "
+        f"Started {_cell(summary['started_at'])}, finished {_cell(summary['finished_at'])} "
         f"(wall time {_duration(summary['wall_s'])}).",
         "",
         f"**{counts['total']} VMs**" + (f": {by_status}." if by_status else "."),
@@ -427,60 +431,47 @@ def _json_text(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write `path` so readers see the old file or the whole new one, never a torn one."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; reports are for people and dashboards to read.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    # The renames are durable only once the directory itself reaches the disk.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _report_names(vm_reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """`<vm>.json` per report, checked before anything is written, so a clash cannot
+    leave half a set."""
+    names: dict[str, str] = {}
+    for report in vm_reports:
+        vm_id = str(report["vm_id"])
+        name = report_filename(vm_id)
+        reserved = vm_id_problem(vm_id)
+        if reserved:
+            raise OutputNameError(f"VM id {reserved}")
+        if name in (SUMMARY_JSON, SUMMARY_MD) or name in names:
+            other = names.get(name, name)
+            raise OutputNameError(f"VM {vm_id!r} would overwrite the file of {other!r}")
+        names[name] = vm_id
+    return list(names)
 
 
 def write_reports(
     directory: str,
     vm_reports: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
+    *,
+    roots: Sequence[str],
 ) -> list[str]:
     """Write `<vm>.json` for every report, then summary.json and summary.md; return the paths.
 
-    Names are checked before anything is written, so a clash cannot leave half a set.
-    The summary goes last: its presence means every VM file beside it is complete.
+    `directory` must be an allowed output folder under `roots` (see
+    `outfiles.check_output_dir`); it is created 0750 when missing, files are 0640. A file
+    there that the tool did not make is never replaced: OutputError names it and nothing
+    is written. The summary goes last: its presence means every VM file beside it is
+    complete.
     """
-    reserved = {SUMMARY_JSON, SUMMARY_MD}
-    names: dict[str, str] = {}
-    for report in vm_reports:
-        name = report_filename(report["vm_id"])
-        if name in reserved or name in names:
-            other = names.get(name, name)
-            raise ValueError(f"VM {report['vm_id']!r} would overwrite the file of {other!r}")
-        names[name] = report["vm_id"]
-    os.makedirs(directory, exist_ok=True)
-    written = []
-    for report in vm_reports:
-        path = os.path.join(directory, report_filename(report["vm_id"]))
-        _atomic_write(path, _json_text(report))
-        written.append(path)
-    for name, text in ((SUMMARY_JSON, _json_text(summary)), (SUMMARY_MD, render_markdown(summary))):
-        path = os.path.join(directory, name)
-        _atomic_write(path, text)
-        written.append(path)
-    _fsync_dir(directory)
-    return written
+    files = [
+        (name, _json_text(report), "report")
+        for name, report in zip(_report_names(vm_reports), vm_reports, strict=True)
+    ]
+    files += [
+        (SUMMARY_JSON, _json_text(summary), "summary"),
+        (SUMMARY_MD, render_markdown(summary), "summary"),
+    ]
+    with OutputDir.open(directory, roots) as out:
+        for name, _, _ in files:
+            out.require_replaceable(name)
+        return [out.write_text(name, text, mode=FILE_MODE, kind=kind) for name, text, kind in files]

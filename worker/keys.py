@@ -67,3 +67,14 @@ def events_key(host: str, kind: str) -> str:
 def hosts_index() -> str:
     """Every host that ever beat, scored by its last heartbeat (Redis server time)."""
     return f"{NAMESPACE}hosts"
+
+
+def host_tasks_key(host: str) -> str:
+    """The task ids `host`'s worker holds right now (reserved, scheduled, running), as
+    JSON with the Redis time it was taken; lapses with the heartbeat."""
+    return f"{_host_prefix(host)}tasks"
+
+
+def lock_key(name: str) -> str:
+    """A fleet-wide lock (SET NX PX): one host at a time runs a fleet-wide chore."""
+    return f"{NAMESPACE}lock:{_part('lock name', name)}"

@@ -7,12 +7,23 @@ it" cannot interleave with another acquire, on this host or any other.
 
 Leases expire unless refreshed (the host heartbeat calls `refresh_all`), so a host
 that dies gives its slots back after `ttl_s` without anyone cleaning up.
+
+With a `work_dir`, every lease this host takes is also mirrored by a small file in
+`<work_dir>/leases/`: Redis may forget a lease (a restart without persistence, or a
+lease that lapsed while Redis was down) while the VM it stands for is still attached
+here. The reconciler reads the mirror to know what this host holds whatever Redis
+says, re-takes lapsed leases of VMs still alive here, and releases the disks of VMs
+whose records are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import re
+import time
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
@@ -23,6 +34,8 @@ import redis
 from worker import keys
 
 HOST_SLOTS_LOCK = "host-slots.lock"
+LEASES_DIR = "leases"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 # A retried task must get back the slot it already holds, not a second one, so the
 # owner's existing lease is looked for (and renewed) before any free slot is taken.
@@ -147,7 +160,10 @@ class SlotLeases:
         _check_owner(owner)
         with _host_lock(self.work_dir):
             slot = int(self._acquire(keys=self._keys, args=[owner, self._ttl_ms]))
-        return None if slot < 0 else Lease(self.host, slot, owner)
+        if slot < 0:
+            return None
+        self._mirror(owner, slot)
+        return Lease(self.host, slot, owner)
 
     def release(self, lease_or_owner: Lease | str) -> bool:
         """Free the lease if it is still held by its owner; False if it was not."""
@@ -158,7 +174,10 @@ class SlotLeases:
         else:
             owner, slot_keys = lease_or_owner, self._keys
         _check_owner(owner)
-        return int(self._release(keys=slot_keys, args=[owner])) > 0
+        released = int(self._release(keys=slot_keys, args=[owner])) > 0
+        # The owner gives the slot up either way: a lease that lapsed is not ours either.
+        self.forget_local(owner)
+        return released
 
     def refresh_all(self, owners: AbstractSet[str] | None = None) -> int:
         """Extend to `ttl_s` the leases of `owners` (None: every lease on the host).
@@ -178,6 +197,46 @@ class SlotLeases:
 
     def free_count(self) -> int:
         return self.slots - len(self.held())
+
+    def local_owners(self) -> list[str]:
+        """Owners this host took a lease for and did not release (from the mirror)."""
+        if self.work_dir is None:
+            return []
+        found = []
+        directory = os.path.join(self.work_dir, LEASES_DIR)
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(directory, name)) as fh:
+                    found.append(str(json.load(fh)["owner"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def forget_local(self, owner: str) -> None:
+        """Drop the mirror of `owner`'s lease (the VM ended or left this host)."""
+        if self.work_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._mirror_path(owner))
+
+    def _mirror_path(self, owner: str) -> str:
+        assert self.work_dir is not None
+        return os.path.join(self.work_dir, LEASES_DIR, _UNSAFE.sub("_", owner)[:200] + ".json")
+
+    def _mirror(self, owner: str, slot: int) -> None:
+        if self.work_dir is None:
+            return
+        path = self._mirror_path(owner)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump({"owner": owner, "host": self.host, "slot": slot, "at": time.time()}, fh)
+        os.replace(tmp, path)
 
     def owner_of(self, owner: str) -> Lease | None:
         """The lease `owner` holds on this host, if any."""

@@ -207,18 +207,35 @@ class Heartbeat:
         self.last = publish_heartbeat(self._client, self._info(), self.ttl_s)
         return self.last
 
-    def start(self) -> None:
-        """Beat once now (errors propagate: a host that cannot announce itself should
-        not start), then keep beating in the background."""
+    def start(self, *, first_must_succeed: bool = True) -> None:
+        """Beat once now, then keep beating in the background.
+
+        With `first_must_succeed` the first beat's error propagates (a host that cannot
+        announce itself should not start); without it the error is logged and the
+        thread starts anyway: a worker whose broker is down at that moment must still
+        register itself once the broker is back.
+        """
         if self.running:
             raise RuntimeError("heartbeat already running")
         self._stop = threading.Event()
-        self.beat()
-        host = self.last.host_id if self.last else "?"
+        try:
+            self.beat()
+        except Exception:
+            if first_must_succeed:
+                raise
+            log.exception("first heartbeat failed; retrying every %.1f s", self.interval_s)
+        info = self.last or self._safe_info()
+        host = info.host_id if info else "?"
         self._thread = threading.Thread(
             target=self._run, name=f"vmcraft-heartbeat-{host}", daemon=True
         )
         self._thread.start()
+
+    def _safe_info(self) -> HostInfo | None:
+        try:
+            return self._info()
+        except Exception:
+            return None
 
     def stop(self, *, withdraw: bool = False, timeout_s: float = 5.0) -> None:
         """Stop beating. The host stays online until its key expires, unless `withdraw`
@@ -237,6 +254,9 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self.beat()
+            except redis.RedisError as exc:
+                # An outage: one line per beat, not a traceback; the next beat retries.
+                log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
 

@@ -2,25 +2,59 @@
 
 Connected when the Celery app is created; the handlers run only in worker
 processes (clients such as the CLI and Flower never send these signals).
+
+- start (`worker_init`, before the worker consumes): the reconciler releases what a
+  killed worker of this host left behind and redelivers its steps;
+- every heartbeat (`worker_ready` starts it): the host is re-registered (even when
+  Redis came back empty), the reconciler runs, and every few beats one worker of the
+  fleet runs the batch watchdog;
+- SIGTERM (`worker_shutting_down`, in the main process): running conversions are
+  asked to stop, so a warm shutdown does not wait for an hours-long copy;
+- warm shutdown done (`worker_shutdown`): what is still in flight here ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_init, worker_ready, worker_shutdown
+import redis
+from celery.signals import (
+    celeryd_after_setup,
+    worker_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from vmcraft_tasks.queues import host_queue
-from worker.reconcile import read_job_marker, reconcile
+from worker import conversions, keys
+from worker.broker import job_id_of
+from worker.reconcile import BEAT, START, STOP, HeldTask, Reconciler
 from worker.registry import Heartbeat, HostInfo
 from worker.runtime import WORKER_PID_ENV, runtime
+from worker.watchdog import BatchWatchdog
 
 log = logging.getLogger(__name__)
 
+# Keeping running steps through a broker connection loss is deliberate (see
+# `worker_cancel_long_running_tasks_on_connection_loss` in celery_app): Celery's nag
+# about the default changing in 6.0 would be logged on every reconnect.
+warnings.filterwarnings(
+    "ignore", message=r"\s*In Celery 5\.1 we introduced an optional breaking change"
+)
+
+# The batch watchdog runs at most this often (and never more often than every 5
+# heartbeats): it reads every open batch.
+WATCHDOG_MIN_INTERVAL_S = 5.0
+
 _heartbeat: Heartbeat | None = None
+_reconciler: Reconciler | None = None
+_watchdog: BatchWatchdog | None = None
 _started_at = time.time()
 
 
@@ -32,24 +66,51 @@ def consume_host_queue(sender: Any, instance: Any, **_: Any) -> None:
     log.info("consuming %s", queue)
 
 
+def held_tasks() -> list[HeldTask]:
+    """Every request this worker holds in memory: running, reserved (prefetched) and
+    scheduled (an ETA, such as a host-full retry), as (task id, task name, retries,
+    job id). Only the main process knows them; the reconciler does not redeliver what
+    a live worker holds (and checks them against the step ledger)."""
+    from celery.worker import state
+
+    found: list[HeldTask] = []
+    for group in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+        requests: list[Any] = []
+        for _ in range(50):
+            try:
+                requests = list(group)  # the event loop may change it meanwhile
+                break
+            except RuntimeError:
+                continue
+        else:
+            raise RuntimeError("could not read the worker's requests")
+        for request in requests:
+            try:
+                job = job_id_of(request.args)
+            except Exception:
+                job = None
+            retries = int((getattr(request, "request_dict", None) or {}).get("retries") or 0)
+            found.append((str(request.id), str(request.task_name), retries, job))
+    return found
+
+
+def reconciler() -> Reconciler:
+    global _reconciler
+    if _reconciler is None:
+        _reconciler = Reconciler(runtime(), held=held_tasks)
+    return _reconciler
+
+
 @worker_init.connect
 def reconcile_on_start(sender: Any = None, **_: Any) -> None:
     os.environ[WORKER_PID_ENV] = str(os.getpid())
     rt = runtime()
     os.makedirs(rt.host_work_dir, mode=0o700, exist_ok=True)
-    report = reconcile(
-        rt,
-        reason=f"worker of host {rt.host_id} died while the VM was in flight; "
-        "its disk was released when the host's worker restarted",
+    conversions.clear_stop(rt.host_work_dir)
+    reconciler().run(
+        START,
+        reason=f"worker of host {rt.host_id} died while the VM was in flight",
     )
-    if report.released_attaches or report.released_leases:
-        log.warning(
-            "reconciled host %s: released %d attaches, %d leases; failed jobs %s",
-            rt.host_id,
-            len(report.released_attaches),
-            len(report.released_leases),
-            report.failed_jobs,
-        )
 
 
 def _host_info() -> HostInfo:
@@ -57,36 +118,52 @@ def _host_info() -> HostInfo:
     return HostInfo.from_settings(
         rt.settings,
         backend=rt.craft_settings.backend,
-        free_slots=rt.leases.free_count(),
+        free_slots=rt.probe_leases.free_count(),
         pids=(rt.worker_pid,),
         started_at=_started_at,
     )
 
 
-def _refresh_leases() -> None:
-    rt = runtime()
-    owners = {str(read_job_marker(d).get("job_id")) for d in _host_attaches()}
-    rt.leases.refresh_all(owners)
-
-
-def _host_attaches() -> list[str]:
-    from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
-
-    return attach_state_dirs(runtime().host_work_dir)
+def _on_beat() -> None:
+    reconciler().run(BEAT)
+    if _watchdog is not None:
+        _watchdog.maybe_run()
 
 
 @worker_ready.connect
 def start_heartbeat(sender: Any = None, **_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _watchdog
     rt = runtime()
+    from vmcraft_tasks.celery_app import app
+
+    _watchdog = BatchWatchdog(
+        rt.probe,
+        app,
+        owner=f"{rt.host_id}:{rt.worker_pid}",
+        interval_s=max(WATCHDOG_MIN_INTERVAL_S, 5 * rt.settings.heartbeat_s),
+        lease_ttl_s=rt.settings.lease_ttl_s,
+    )
     _heartbeat = Heartbeat(
-        rt.state,
+        rt.probe,
         _host_info,
         interval_s=rt.settings.heartbeat_s,
         ttl_s=rt.settings.lease_ttl_s,
-        on_beat=_refresh_leases,
+        on_beat=_on_beat,
     )
-    _heartbeat.start()
+    # Redis may be down right now: the host registers itself once it is back.
+    _heartbeat.start(first_must_succeed=False)
+
+
+@worker_shutting_down.connect
+def stop_conversions(sig: Any = None, how: Any = None, **_: Any) -> None:
+    """SIGTERM reached the main process: conversions stop within a second or two and
+    hand their VMs back resumable (see `worker.conversions`)."""
+    rt = runtime()
+    reason = f"host {rt.host_id} is shutting down ({how or 'warm'} shutdown, {sig or 'signal'})"
+    try:
+        conversions.request_stop(rt.host_work_dir, rt.worker_pid, reason)
+    except OSError as exc:
+        log.warning("could not ask conversions to stop: %s", exc)
 
 
 @worker_shutdown.connect
@@ -94,8 +171,11 @@ def detach_on_shutdown(sender: Any = None, **_: Any) -> None:
     """Warm shutdown: running steps have finished; release what is still attached."""
     rt = runtime()
     if _heartbeat is not None:
-        _heartbeat.stop(withdraw=True)
-    reconcile(
-        rt,
-        reason=f"host {rt.host_id} shut down while the VM was in flight; its disk was released",
-    )
+        try:
+            _heartbeat.stop(withdraw=True)
+        except redis.RedisError as exc:
+            log.warning("could not withdraw host %s from the registry: %s", rt.host_id, exc)
+    reconciler().run(STOP, reason=f"host {rt.host_id} shut down while the VM was in flight")
+    with contextlib.suppress(redis.RedisError):
+        rt.probe.delete(keys.host_tasks_key(rt.host_id))
+    conversions.clear_stop(rt.host_work_dir)

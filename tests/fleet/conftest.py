@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,17 +45,38 @@ def fleet_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 @pytest.fixture
 def overlay(tmp_path: Path) -> Callable[[str], str]:
-    """A fresh qcow2 on top of a sample image: a distinct disk (own identity) in milliseconds."""
+    """A fresh qcow2 on top of a sample image: a distinct disk (own identity) in milliseconds.
+
+    The base is first copied (sparsely: milliseconds) next to the overlays: workers
+    accept a backing file only inside the image's own directory or image roots.
+    """
     count = 0
+    bases: dict[str, str] = {}
 
     def make(base: str) -> str:
         nonlocal count
         count += 1
+        if base not in bases:
+            local = tmp_path / f"base{len(bases):02d}-{os.path.basename(base)}"
+            subprocess.run(["cp", "--sparse=always", base, str(local)], check=True)
+            bases[base] = str(local)
         top = tmp_path / f"vm{count:02d}.qcow2"
         fmt = "qcow2" if base.endswith(".qcow2") else "raw"
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, str(top)],
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                os.path.basename(bases[base]),
+                "-F",
+                fmt,
+                str(top),
+            ],
             check=True,
+            cwd=tmp_path,
         )
         return str(top)
 

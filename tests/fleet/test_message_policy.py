@@ -106,6 +106,8 @@ def test_a_later_step_cannot_be_pointed_at_a_directory_it_did_not_make(client, t
     (planted / "resources.json").write_text('{"qemu_nbd_pid": 1, "loop_devices": ["/dev/loop0"]}')
     message = {"job_id": "j4", "state_dir": str(planted), "host": "h1"}
     client.jobs.create("j4", "-")
+    # A VM in flight on h1, as if its attach had run there: only the directory is forged.
+    client.jobs.transition("j4", "attaching", host="h1")
     client.app.send_task("vmcraft.vm.scan", args=[message], queue="vmcraft.host.h1", task_id="j4-x")
     deadline = time.monotonic() + 20
     while not client.jobs.steps("j4"):

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,13 +20,19 @@ from vmcraft_tasks.craft.convert import (
     TargetExistsError,
     convert_image,
 )
-from vmcraft_tasks.craft.errors import CommandError, CorruptImageError, ImageNotFoundError
+from vmcraft_tasks.craft.errors import (
+    CommandError,
+    CorruptImageError,
+    ImageNotFoundError,
+    ImagePolicyError,
+)
+from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.samples.imagebuild import sha256_file
 
 pytestmark = pytest.mark.integration
 
 
-def _qemu_img_info(path: Path | str) -> dict:
+def _qemu_img_info(path: Path | str) -> dict[str, Any]:
     out = subprocess.run(
         ["qemu-img", "info", "--output=json", str(path)],
         capture_output=True,
@@ -33,7 +40,8 @@ def _qemu_img_info(path: Path | str) -> dict:
         check=True,
         timeout=30,
     )
-    return json.loads(out.stdout)
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
 
 
 def _temp_files(directory: Path) -> list[str]:
@@ -241,3 +249,30 @@ def test_a_target_that_appears_during_conversion_is_not_replaced(tmp_path, linux
         convert_image(linux_gpt_vmdk.path, str(target), progress=someone_else_writes)
     assert target.read_text() == "written meanwhile\n"
     assert os.listdir(tmp_path) == [target.name]
+
+
+def test_a_source_outside_the_configured_roots_is_refused(tmp_path, linux_gpt_vmdk):
+    elsewhere = tmp_path / "roots"
+    elsewhere.mkdir()
+    settings = CraftSettings(image_roots=(str(elsewhere),))
+    ran, remove = _commands_run()
+    try:
+        with pytest.raises(ImagePolicyError, match="outside the image roots"):
+            convert_image(linux_gpt_vmdk.path, str(tmp_path / "out.qcow2"), settings=settings)
+    finally:
+        remove()
+    assert ran == []  # refused before qemu-img saw the image
+    assert os.listdir(tmp_path) == ["roots"]
+
+
+def test_the_conversion_reads_the_pinned_graph_and_records_its_output(tmp_path, linux_gpt_vmdk):
+    ran, remove = _commands_run()
+    try:
+        result = convert_image(linux_gpt_vmdk.path, str(tmp_path / "out.qcow2"))
+    finally:
+        remove()
+    (copy,) = [argv for argv in ran if argv[:2] == ["qemu-img", "convert"]]
+    assert copy[-2].startswith('json:{"driver":"vmdk"')
+    assert linux_gpt_vmdk.path not in copy
+    assert result.target_file is not None
+    assert result.target_file.inode == (tmp_path / "out.qcow2").stat().st_ino

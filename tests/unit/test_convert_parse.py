@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,9 +18,12 @@ from vmcraft_tasks.craft.convert import (
     convert_image,
     parse_check,
     parse_progress,
+    target_mode,
     temp_path_for,
 )
 from vmcraft_tasks.craft.errors import CommandError
+from vmcraft_tasks.craft.imagecheck import FileIdentity
+from vmcraft_tasks.craft.images import ImageInfo
 
 # --------------------------------------------------------------------------- parse_progress
 
@@ -125,7 +129,12 @@ def test_result_to_dict_is_plain_data():
         "checked": True,
         "source_unchanged": True,
         "notes": ["n"],
+        "target_file": None,
     }
+    made = FileIdentity("/o/a.qcow2", "output", 1, 2, 3, 4, 0o600)
+    with_file = ConversionResult(**{**result.__dict__, "target_file": made})
+    assert with_file.to_dict()["target_file"] == made.to_dict()
+    assert json.loads(json.dumps(with_file.to_dict()))["target_file"]["inode"] == 2
 
 
 def test_unknown_target_format_is_refused_before_anything_runs(tmp_path):
@@ -304,3 +313,18 @@ def test_run_timeout_kills_the_command_and_its_children(tmp_path):
     assert time.monotonic() - started < 5
     assert info.value.timed_out and "oops" in info.value.stderr
     assert _wait_dead(int(pidfile.read_text()))
+
+
+# --------------------------------------------------------------------------- target mode
+
+
+@pytest.mark.parametrize(
+    ("modes", "expected"),
+    [((0o600,), 0o600), ((0o644,), 0o640), ((0o666,), 0o640), ((0o644, 0o600), 0o600),
+     ((0o400,), 0o400), ((0o755,), 0o640)],
+)  # fmt: skip
+def test_target_mode_never_exceeds_the_source_or_0640(modes, expected):
+    files = tuple(
+        FileIdentity(f"/s/{i}", "image", 1, i, 1, 1, mode) for i, mode in enumerate(modes)
+    )
+    assert target_mode(ImageInfo("/s/0", "raw", 1, "i", files=files)) == expected

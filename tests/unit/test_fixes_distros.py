@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from vmcraft_tasks.craft.errors import GuestPathError
+from vmcraft_tasks.craft.fixes import distros
 from vmcraft_tasks.craft.fixes.bootloader import initramfs_copy_note
 from vmcraft_tasks.craft.fixes.distros import (
     AlmaFixer,
@@ -31,7 +32,7 @@ from vmcraft_tasks.craft.fixes.distros import (
 )
 from vmcraft_tasks.craft.fixes.initramfs import REGENERATE_NOTE
 from vmcraft_tasks.craft.fixes.model import FixReport
-from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.guestpath import GuestFS, TooManyEntries
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
@@ -729,3 +730,108 @@ def test_grubenv_without_room_is_skipped_byte_exact(rocky: Path) -> None:
     assert (rocky / "boot/grub2/grubenv").read_text() == full
     assert [(s.name, s.path) for s in report.skipped] == [("grubenv", "/boot/grub2/grubenv")]
     assert "padding" in report.skipped[0].reason
+
+
+# --- bounded walks of guest directories -----------------------------------------------
+
+WIFI_IFCFG = "DEVICE=wlan0\nTYPE=Wireless\nHWADDR=00:50:56:aa:bb:cc\nWPA_PSK='rocky-wifi-psk'\n"
+
+
+def _many_ifcfg(root: Path, count: int, *, linked: bool = False) -> Path:
+    scripts = root / "etc/sysconfig/network-scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        name = scripts / f"ifcfg-eth{i}"
+        if linked and i:
+            # Hard links to one file: 20 000 directory entries in well under a second.
+            os.link(scripts / "ifcfg-eth0", name)
+        else:
+            name.write_text(f"DEVICE=eth{i}\nHWADDR=00:50:56:00:{i % 256:02x}:01\n")
+    return scripts
+
+
+def test_a_directory_over_the_entry_limit_is_skipped_whole(rocky: Path) -> None:
+    # 20 000 ifcfg files (a hostile guest could hold a million): the walk reads at most
+    # MAX_DIR_ENTRIES + 1 names, skips the directory with a reason, and the report stays
+    # small while every other fix still runs.
+    scripts = _many_ifcfg(rocky, 20_000, linked=True)
+    before = (scripts / "ifcfg-eth7").read_text()
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    (skip,) = [s for s in report.skipped if s.name == "ifcfg"]
+    assert skip.path == "/etc/sysconfig/network-scripts"
+    assert skip.reason.startswith(f"more than {distros.MAX_DIR_ENTRIES} entries: not examined")
+    assert report.failed == ()
+    assert (scripts / "ifcfg-eth7").read_text() == before  # not walked, not touched
+    assert ("fstab", "/etc/fstab") in _changed(report)  # the other fixes ran
+    assert len(json.dumps(report.to_dict())) < 200_000
+
+
+def test_spent_walk_budgets_give_skips_not_silent_cuts(
+    rocky: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FAKE limits, small enough for a small tree: 40 entries per directory, 25 files.
+    monkeypatch.setattr(distros, "MAX_DIR_ENTRIES", 40)
+    monkeypatch.setattr(distros, "MAX_WALK_FILES", 25)
+    _many_ifcfg(rocky, 30)  # 31 files with the fixture's ifcfg-lo: under the entry limit
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    walked = [r for r in report.applied if r.name == "ifcfg"]
+    assert len(walked) == 25
+    (skip,) = [s for s in report.skipped if s.name == "ifcfg"]
+    assert skip.reason.startswith("6 more files not examined: the fixes' budget (25 files")
+    # The budget was spent: the NetworkManager directory after it is skipped too.
+    (nm,) = [s for s in report.skipped if s.name == "nm-keyfile"]
+    assert nm.path == "/etc/NetworkManager/system-connections"
+
+
+def test_walk_text_budget(rocky: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distros, "MAX_WALK_TEXT", 500)  # FAKE: about 10 small files
+    _many_ifcfg(rocky, 50)
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    walked = [r for r in report.applied if r.name == "ifcfg"]
+    assert 5 < len(walked) < 20
+    assert any(s.name == "ifcfg" and "more files not examined" in s.reason for s in report.skipped)
+
+
+def test_total_entry_budget_covers_every_directory(
+    rocky: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(distros, "MAX_WALK_ENTRIES", 10)  # FAKE
+    for i in range(12):
+        _link(rocky, f"/etc/systemd/system/t{i}.target.wants/x.service", "/dev/null")
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    reasons = [s.reason for s in report.skipped]
+    assert any("budget of 10 directory entries is spent" in reason for reason in reasons)
+
+
+def test_secrets_reach_the_guest_but_not_the_report(rocky: Path) -> None:
+    _write(rocky, "/etc/sysconfig/network-scripts/ifcfg-wlan0", WIFI_IFCFG)
+    keyfile = KEYFILE + "\n[wifi-security]\nkey-mgmt=wpa-psk\npsk=rocky-nm-psk-1\n"
+    _write(rocky, "/etc/NetworkManager/system-connections/ens192.nmconnection", keyfile)
+    report = apply_fixes(GuestFS(str(rocky)), _linux("rocky"), ROCKY_FS, PARTITIONS, dry_run=False)
+    assert "HWADDR" not in (rocky / "etc/sysconfig/network-scripts/ifcfg-wlan0").read_text()
+    # The fix wrote the real text: the guest keeps its secrets.
+    assert (
+        "WPA_PSK='rocky-wifi-psk'"
+        in (rocky / "etc/sysconfig/network-scripts/ifcfg-wlan0").read_text()
+    )
+    nm = (rocky / "etc/NetworkManager/system-connections/ens192.nmconnection").read_text()
+    assert "psk=rocky-nm-psk-1" in nm
+    # The report (JSON files, the Redis job record) never holds them.
+    text = json.dumps(report.to_dict())
+    assert "rocky-wifi-psk" not in text and "rocky-nm-psk-1" not in text
+    assert "WPA_PSK=<redacted>" in text and "psk=<redacted>" in text
+
+
+def test_bounded_ls_reads_at_most_limit_plus_one(tmp_path: Path) -> None:
+    for name in ("b", "a", "c"):
+        (tmp_path / name).write_text("")
+    fs = GuestFS(str(tmp_path))
+    assert fs.ls("/", limit=3) == ["a", "b", "c"]
+    with pytest.raises(TooManyEntries, match="more than 2 entries") as caught:
+        fs.ls("/", limit=2)
+    assert isinstance(caught.value, GuestPathError) and caught.value.limit == 2
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(TooManyEntries):
+            fs.ls("/", limit=0)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the directory is closed every time

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 import yaml
 
-from vmcraft_tasks.craft.fixes.model import RewriteError
+from vmcraft_tasks.craft.fixes.model import FixRecord, RewriteError
 from vmcraft_tasks.craft.fixes.network import (
     rewrite_ifcfg,
     rewrite_ifupdown,
@@ -159,3 +162,64 @@ def test_netplan_without_pinning_is_returned_verbatim(text: str) -> None:
 def test_netplan_invalid_yaml_is_an_error() -> None:
     with pytest.raises(RewriteError, match="not valid YAML"):
         rewrite_netplan("network: [unclosed\n")
+
+
+# --- secrets: the rewritten file keeps them, the record's dict does not ------------------
+
+NM_WIFI_PINNED = (
+    "[connection]\nid=office\ntype=wifi\n\n"
+    "[wifi]\nssid=Office\nmac-address=00:50:56:AA:BB:CC\n\n"
+    "[wifi-security]\nkey-mgmt=wpa-eap\n\n"
+    "[802-1x]\neap=peap;\nidentity=alice\npassword=office-8021x-pw\n"
+    "private-key-password=office-pk-pw\n\n[ethernet]\nmac-address=00:50:56:AA:BB:CC\n"
+)
+NETPLAN_PINNED = (
+    "network:\n  version: 2\n"
+    "  ethernets:\n    ens192:\n      match:\n        macaddress: 00:50:56:aa:bb:cc\n"
+    "      set-name: ens192\n      dhcp4: true\n"
+    "  wifis:\n    wlan0:\n      access-points:\n"
+    '        "Office":\n          password: "netplan-office-pw-long enough to be folded by '
+    'the yaml dumper because it is much longer than eighty characters"\n'
+)
+IFCFG_PINNED = "DEVICE=wlan0\nHWADDR=00:50:56:AA:BB:CC\nWPA_PSK=ifcfg-wifi-psk\n"
+IFUPDOWN_PINNED = (
+    "iface wlan0 inet dhcp\n  hwaddress 00:50:56:aa:bb:cc\n  wpa-psk ifupdown-wifi-psk\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "path", "text", "secrets"),
+    [
+        (
+            rewrite_nm_keyfile,
+            "/etc/NetworkManager/system-connections/office.nmconnection",
+            NM_WIFI_PINNED,
+            ("office-8021x-pw", "office-pk-pw"),
+        ),
+        (
+            rewrite_netplan,
+            "/etc/netplan/50-cloud-init.yaml",
+            NETPLAN_PINNED,
+            ("netplan-office-pw", "folded by", "eighty characters"),
+        ),
+        (
+            rewrite_ifcfg,
+            "/etc/sysconfig/network-scripts/ifcfg-wlan0",
+            IFCFG_PINNED,
+            ("ifcfg-wifi",),
+        ),
+        (rewrite_ifupdown, "/etc/network/interfaces", IFUPDOWN_PINNED, ("ifupdown-wifi-psk",)),
+    ],
+)
+def test_rewrites_keep_secrets_and_records_hide_them(
+    rewrite: Any, path: str, text: str, secrets: tuple[str, ...]
+) -> None:
+    after, changes = rewrite(text)
+    assert changes  # the MAC pinning went
+    for secret in secrets:
+        assert secret in after  # the guest gets its real config back
+    record = FixRecord(rewrite.__name__, path, text, after, True, changes=tuple(changes))
+    dumped = json.dumps(record.to_dict())
+    for secret in secrets:
+        assert secret not in dumped
+    assert "<redacted>" in dumped

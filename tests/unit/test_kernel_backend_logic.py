@@ -443,7 +443,7 @@ def test_logic_attach_returns_disk_with_device_and_helper_pid(
             "--cache=writeback",
             "--snapshot",
             f"--pid-file={state_dir / 'qemu-nbd.pid'}",
-            image.path,
+            image.qemu_filename(),
         ]
     ]
 
@@ -468,7 +468,7 @@ def test_logic_build_connect_argv_names_format_and_puts_image_last(image: ImageI
     assert argv[:2] == ["qemu-nbd", "--connect=/dev/nbd3"]
     assert "--format=qcow2" in argv and "--cache=none" in argv
     assert "--fork" not in argv
-    assert argv[-1] == image.path
+    assert argv[-1] == image.qemu_filename()
 
 
 def test_logic_helper_pid_comes_from_pid_file_when_sysfs_names_a_thread(

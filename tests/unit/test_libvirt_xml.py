@@ -496,6 +496,7 @@ def migrated_vm(tmp_path: Path) -> dict[str, Any]:
         "vcpus": 2,
         "network": "lan",
         "output_dir": str(tmp_path / "out"),
+        "output_root": str(tmp_path),
     }
 
 

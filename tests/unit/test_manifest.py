@@ -124,8 +124,11 @@ def test_smallest_manifest_gets_every_default(base: Path) -> None:
                 memory_mib=2048,
                 vcpus=2,
                 network="default",
+                output_root=str(base),
             ),
         ),
+        summary_dir=f"{base}/wave-1",
+        summary_root=str(base),
     )
     assert probe.calls == ["/data/vmware/web01.vmdk"]
 
@@ -165,6 +168,7 @@ def test_defaults_apply_unless_the_vm_sets_them(base: Path) -> None:
             },
         ),
         base,
+        output_roots=[str(base), "/srv"],
     )
     web, db = plan.vms
     assert (web.target_format, web.output_dir, web.vcpus, web.dry_run) == (
@@ -592,3 +596,138 @@ def test_os_none_declares_a_data_only_vm_and_other_values_are_refused(base: Path
     assert lines_of(batch(vm(options={"os": "linux"})), base) == [
         "vms[0] (web01).options.os: must be one of auto, none (none: a data-only VM), not 'linux'"
     ]
+
+
+# --- output folders, reserved ids, the summary's place -----------------------------
+
+
+def test_output_dir_outside_the_manifests_folder_is_refused_by_default(base: Path) -> None:
+    lines = lines_of(batch(vm("web01", output_dir="/etc")), base)
+    assert lines == [
+        f"vms[0] (web01).output_dir: /etc: outside the output roots ({base})",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("folder", "reason"),
+    [
+        ("/etc", "inside /etc, a system folder"),
+        ("/etc/cron.d", "inside /etc, a system folder"),
+        ("/usr/local/out", "inside /usr, a system folder"),
+        ("/lib64/x", "inside /lib64, a system folder"),
+        ("/var/log/x", "inside /var, a system folder"),
+        ("/", "/ is a system folder: use a folder below it"),
+        ("/home", "/home is a system folder: use a folder below it"),
+        ("/proc/self", "inside /proc, a system folder"),
+    ],
+)
+def test_system_folders_are_refused_even_under_a_root(base: Path, folder: str, reason: str) -> None:
+    lines = lines_of(batch(vm("web01", output_dir=folder)), base, output_roots=["/"])
+    assert lines == [f"vms[0] (web01).output_dir: {folder}: {reason}"]
+
+
+@pytest.mark.parametrize("folder", ["/var/tmp/out", "/var/lib/vmcraft/wave-1", "/home/ops/out"])
+def test_data_folders_are_fine(base: Path, folder: str) -> None:
+    plan = parse(batch(vm("web01", output_dir=folder)), base, output_roots=["/"])
+    assert plan.vms[0].output_dir == folder
+    assert plan.vms[0].output_root == "/"
+
+
+def test_output_dir_through_a_symlink_out_of_the_root_is_refused(base: Path) -> None:
+    outside = base.parent / f"{base.name}-outside"
+    outside.mkdir()
+    (base / "out").symlink_to(outside)
+    lines = lines_of(batch(vm("web01", output_dir="out/wave")), base)
+    assert lines == [
+        f"vms[0] (web01).output_dir: {base}/out/wave: {base}/out is a symlink (to {outside}); "
+        "output folders must be reached without symlinks"
+    ]
+
+
+def test_a_symlink_inside_the_root_is_refused_too(base: Path) -> None:
+    (base / "real").mkdir()
+    (base / "alias").symlink_to(base / "real")
+    (problem,) = problems_of(batch(vm("web01", output_dir="alias")), base)
+    assert problem.field == "vms[0].output_dir" and "is a symlink" in problem.message
+
+
+def test_climbing_out_with_dotdot_is_outside(base: Path) -> None:
+    (problem,) = problems_of(batch(vm("web01", output_dir="../elsewhere")), base)
+    assert "outside the output roots" in problem.message
+
+
+def test_a_bad_default_output_dir_is_reported_once(base: Path) -> None:
+    data = batch(vm("a"), vm("b"), vm("c"), defaults={"output_dir": "/etc/vmcraft"})
+    assert lines_of(data, base) == [
+        f"defaults.output_dir: /etc/vmcraft: outside the output roots ({base})"
+    ]
+
+
+def test_output_roots_move_the_default_folder_under_the_first_root(base: Path) -> None:
+    root = base / "exports"
+    plan = parse(batch(vm("web01")), base / "manifests", output_roots=[str(root)])
+    assert plan.vms[0].output_dir == f"{root}/wave-1"
+    assert plan.vms[0].output_root == str(root)
+    assert plan.vms[0].disks[0].target == f"{root}/wave-1/web01-disk0.qcow2"
+
+
+def test_output_dir_is_kept_symlink_free_when_the_root_is_a_symlink(base: Path) -> None:
+    real = base / "storage"
+    real.mkdir()
+    (base / "link-root").symlink_to(real)
+    plan = parse(
+        batch(vm("web01", output_dir=f"{base}/link-root/out")),
+        base,
+        output_roots=[str(base / "link-root")],
+    )
+    # The root itself is trusted configuration; what is kept is the resolved path.
+    assert plan.vms[0].output_dir == f"{real}/out"
+    assert plan.vms[0].output_root == str(real)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "summary",
+        "Summary",
+        ".hidden",
+        "web01-disk0.qcow2.vmcraft",
+        "web01-disk0.qcow2",
+        "x-disk3.raw",
+        "a.json",
+        "a.xml",
+        "a.md",
+        "a.tmp",
+        "a.part-1",
+    ],
+)
+def test_reserved_vm_ids_are_refused_with_a_reason(base: Path, bad: str) -> None:
+    (problem,) = problems_of(batch(vm("web01"), vm(bad)), base)
+    assert problem.field == "vms[1].id"
+    assert problem.message.startswith("reserved id: ")
+    assert repr(bad) in problem.message
+
+
+def test_vms_in_two_folders_get_one_summary_folder(base: Path) -> None:
+    plan = parse(batch(vm("a", output_dir="one"), vm("b", output_dir="two")), base)
+    assert (plan.summary_dir, plan.summary_root) == (f"{base}/wave-1", str(base))
+
+
+def test_vms_sharing_a_folder_get_the_summary_there(base: Path) -> None:
+    plan = parse(batch(vm("a"), vm("b"), defaults={"output_dir": "out"}), base)
+    assert plan.summary_dir == f"{base}/out"
+
+
+def test_output_root_and_summary_survive_the_json_round_trip(base: Path) -> None:
+    plan = parse(batch(vm("a", output_dir="one"), vm("b")), base)
+    assert BatchPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_load_manifest_passes_output_roots(base: Path) -> None:
+    path = write(
+        base / "m.yaml", "batch: b\nvms: [{id: a, disks: [/x.vmdk], output_dir: /srv/x}]\n"
+    )
+    with pytest.raises(ManifestError, match="outside the output roots"):
+        load_manifest(path, probe=FakeProbe())
+    plan = load_manifest(path, probe=FakeProbe(), output_roots=["/srv"])
+    assert plan.vms[0].output_dir == "/srv/x"

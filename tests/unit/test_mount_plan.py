@@ -36,9 +36,10 @@ def test_xfs_never_gets_noload_and_always_nouuid_when_read_only():
     assert all("nouuid" in s.options for s in plan)
 
 
-def test_write_mode_drops_noexec_and_nouuid_on_first_rung():
+def test_write_mode_drops_noexec_but_keeps_nouuid_for_clones():
+    # Converted copies of one template share an XFS UUID and are attached writable.
     plan = plan_strategies("xfs", readonly=False, kernel_filesystems=HOST_WITH_ALL)
-    assert plan[0].options == ("rw", "nosuid", "nodev")
+    assert plan[0].options == ("rw", "nouuid", "nosuid", "nodev")
 
 
 def test_ntfs_uses_kernel_ntfs3_with_force_rung_when_present():

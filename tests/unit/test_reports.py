@@ -12,6 +12,7 @@ import pytest
 
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.partitions import Partition
+from vmcraft_tasks.outfiles import ForeignFileError, OutputNameError, OutputPathError
 from vmcraft_tasks.reports import (
     REPORT_VERSION,
     batch_summary,
@@ -408,38 +409,57 @@ def test_write_reports(tmp_path: Path) -> None:
     vms = [web01(), db01()]
     summary = summary_of(*vms)
     out = tmp_path / "reports" / "b-42"
-    written = write_reports(str(out), vms, summary)
+    written = write_reports(str(out), vms, summary, roots=[str(tmp_path)])
     assert [os.path.basename(p) for p in written] == [
         "web01.json",
         "db01.json",
         "summary.json",
         "summary.md",
     ]
-    assert sorted(os.listdir(out)) == ["db01.json", "summary.json", "summary.md", "web01.json"]
+    visible = sorted(p for p in os.listdir(out) if not p.startswith("."))
+    assert visible == ["db01.json", "summary.json", "summary.md", "web01.json"]
     assert json.loads((out / "web01.json").read_text()) == vms[0]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "summary.md").read_text() == render_markdown(summary)
-    assert (out / "summary.json").stat().st_mode & 0o777 == 0o644
+    # Reports are for the operators' group, not for everyone; new folders are 0750.
+    assert (out / "summary.json").stat().st_mode & 0o777 == 0o640
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "reports").stat().st_mode & 0o777 == 0o750
 
 
-def test_write_reports_replaces_old_files(tmp_path: Path) -> None:
-    (tmp_path / "web01.json").write_text("stale")
-    write_reports(str(tmp_path), [web01()], summary_of(web01()))
-    assert json.loads((tmp_path / "web01.json").read_text())["vm_id"] == "web01"
+def test_write_reports_replaces_its_own_files(tmp_path: Path) -> None:
+    write_reports(str(tmp_path), [web01()], summary_of(web01()), roots=[str(tmp_path)])
+    again = web01() | {"status": "failed"}
+    write_reports(str(tmp_path), [again], summary_of(again), roots=[str(tmp_path)])
+    assert json.loads((tmp_path / "web01.json").read_text())["status"] == "failed"
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "summary.json").write_text('{"old": true}')
+def test_write_reports_never_replaces_a_file_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "web01.json").write_text("someone else's")
+    with pytest.raises(ForeignFileError, match=r"web01\.json exists and was not made by"):
+        write_reports(str(tmp_path), [web01()], summary_of(web01()), roots=[str(tmp_path)])
+    assert (tmp_path / "web01.json").read_text() == "someone else's"
+    assert not (tmp_path / "summary.json").exists()  # nothing of the set was written
 
-    def broken_replace(src: str, dst: str) -> None:
+
+def test_write_reports_refuses_a_folder_outside_its_roots(tmp_path: Path) -> None:
+    with pytest.raises(OutputPathError, match="outside the output roots"):
+        write_reports("/etc", [], summary_of(), roots=[str(tmp_path)])
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_reports(str(tmp_path), [], summary_of(), roots=[str(tmp_path)])
+    before = (tmp_path / "summary.json").read_text()
+
+    def broken_rename(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", broken_replace)
+    monkeypatch.setattr(os, "rename", broken_rename)
     with pytest.raises(OSError, match="disk full"):
-        write_reports(str(tmp_path), [], summary_of())
-    assert os.listdir(tmp_path) == ["summary.json"]
-    assert (tmp_path / "summary.json").read_text() == '{"old": true}'
+        write_reports(str(tmp_path), [], summary_of(web01()), roots=[str(tmp_path)])
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert (tmp_path / "summary.json").read_text() == before
 
 
 @pytest.mark.parametrize(
@@ -457,6 +477,36 @@ def test_report_filename(vm_id: str, name: str) -> None:
 )
 def test_name_clashes_write_nothing(tmp_path: Path, ids: list[str]) -> None:
     vms = [vm_report(vm_id=vm, status="done") for vm in ids]
-    with pytest.raises(ValueError, match="overwrite"):
-        write_reports(str(tmp_path / "out"), vms, summary_of(*vms))
+    with pytest.raises(OutputNameError, match=r"reserved|overwrite"):
+        write_reports(str(tmp_path / "out"), vms, summary_of(*vms), roots=[str(tmp_path)])
     assert not (tmp_path / "out").exists()
+
+
+# --- guest text in the Markdown -----------------------------------------------------------
+
+
+def test_markdown_keeps_guest_control_characters_and_markup_out() -> None:
+    hostile = OSInfo(
+        root_partition=1,
+        type="linux",
+        distro="debian",
+        product_name="\x1b[31mDebian\x1b[0m\x07\x00 \x9b2J<img src=x onerror=alert(1)>"
+        "\u202e[click](http://evil/) *x* `y`\nfake | row",
+    )
+    report = vm_report(
+        vm_id="web_01",
+        status="failed",
+        os_facts=[hostile],
+        error="fix fstab could not be applied: <b>\x1b]0;title\x07</b>" + "x" * 5000,
+    )
+    md = render_markdown(summary_of(report))
+    (row,) = table_rows(md, "| VM |")
+    cells = split_cells(row)
+    assert len(cells) == 9
+    assert cells[0] == "web_01"  # an intraword underscore stays as typed
+    assert all(ch.isprintable() for ch in row)  # no ESC, BEL, NUL, C1, RTL override
+    assert "<" not in md and ">" not in md.replace("&gt;", "")
+    assert "\\[click\\](http://evil/)" in cells[3] and "\\*x\\* \\`y\\`" in cells[3]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in cells[3] and "\\|" in cells[3]
+    assert len(cells[8]) < 400  # the full reason is in the JSON
+    assert summary_of(report)["vms"][0]["os"] == hostile.product_name  # JSON keeps it raw

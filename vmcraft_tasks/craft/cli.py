@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.craft.render import render_report
 from vmcraft_tasks.craft.settings import BACKENDS, CraftSettings
+from vmcraft_tasks.craft.textsafe import for_terminal
 from vmcraft_tasks.craft.vmcraft import VMCraft
 
 
@@ -67,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except VMCraftError as exc:
         # One line: scripts grep it and people read it.
-        print("vmcraft: " + " ".join(str(exc).split()), file=sys.stderr)
+        # Error messages quote guest paths and names: printed as data, on one line.
+        print("vmcraft: " + for_terminal(str(exc)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmcraft: interrupted", file=sys.stderr)

@@ -103,6 +103,23 @@ class PartitionError(VMCraftError):
     """The partition table could not be read or changed."""
 
 
+class ImagePolicyError(ImageError):
+    """The image refers to something it may not: a protocol, a host device, a file
+    outside the image roots. Permanent: the image itself says so."""
+
+
+class ImageLimitError(ImageError):
+    """The image exceeds a configured limit (virtual size, partition count). Permanent."""
+
+
+class PartitionLimitError(ImageLimitError, PartitionError):
+    """The partition table defines more partitions than `max_partitions`."""
+
+
+class ImageChangedError(ImageError):
+    """A file of the image changed between its check and its use."""
+
+
 class MountError(VMCraftError):
     def __init__(self, device: str, mountpoint: str, reason: str) -> None:
         self.device = device

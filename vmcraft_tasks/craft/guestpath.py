@@ -43,6 +43,14 @@ DEFAULT_DIR_MODE = 0o755
 _TEMP_PREFIX = ".vmcraft-tmp."
 
 
+class TooManyEntries(GuestPathError):
+    """A guest directory holds more entries than the caller's limit (see `GuestFS.ls`)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.limit = limit
+        super().__init__(path, f"more than {limit} entries")
+
+
 def _components(path: str) -> list[str]:
     return [part for part in path.split("/") if part and part != "."]
 
@@ -211,11 +219,24 @@ class GuestFS:
         finally:
             os.close(fd)
 
-    def ls(self, path: str) -> list[str]:
-        """Sorted entry names of the guest directory `path`."""
+    def ls(self, path: str, *, limit: int | None = None) -> list[str]:
+        """Sorted entry names of the guest directory `path`.
+
+        With `limit`, a directory holding more entries raises `TooManyEntries` after
+        reading at most `limit + 1` of them: a guest with a million files in one
+        directory then costs a bounded read, not a million-name list.
+        """
         with self._open(path, _DIR_FLAGS) as fd:
             try:
-                return sorted(os.listdir(fd))
+                if limit is None:
+                    return sorted(os.listdir(fd))
+                names: list[str] = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if len(names) >= limit:
+                            raise TooManyEntries(path, limit)
+                        names.append(entry.name)
+                return sorted(names)
             except OSError as exc:
                 raise GuestPathError(path, f"cannot list: {exc.strerror or exc}") from exc
 

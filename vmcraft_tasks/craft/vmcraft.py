@@ -21,11 +21,14 @@ from vmcraft_tasks.craft import cache as cache_mod
 from vmcraft_tasks.craft import commands, images, mountinfo, partitions, probe
 from vmcraft_tasks.craft.cache import CacheTTL, InProcessTTLCache, ScanCache
 from vmcraft_tasks.craft.errors import (
+    AttachError,
     CommandError,
     MountError,
     NotLaunchedError,
     PartitionError,
+    PartitionLimitError,
     ReadOnlyError,
+    TransientAttachError,
     VMCraftError,
 )
 from vmcraft_tasks.craft.guestpath import GuestFS
@@ -49,6 +52,13 @@ log = logging.getLogger(__name__)
 Device = str | int
 
 _shared_cache = InProcessTTLCache()
+
+# What qemu-nbd says when the image itself cannot be served (see launch()).
+_QEMU_NBD_REFUSED_IMAGE = (
+    "failed to blk_new_open",
+    "could not create temporary overlay",
+    "file too large",
+)
 
 
 def shared_cache() -> InProcessTTLCache:
@@ -80,17 +90,35 @@ class VMCraft:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def launch(self) -> VMCraft:
-        """Identify the image and attach it, retrying transient failures."""
+    def launch(self, *, expected: ImageInfo | None = None, fmt: str | None = None) -> VMCraft:
+        """Check and identify the image, then attach it, retrying transient failures.
+
+        The image and every file it refers to are checked against this host's
+        settings (image roots, size limit) before qemu sees any of it, and qemu-nbd is
+        given the pinned graph of that check. `expected` is an earlier check of the
+        same image (e.g. the conversion's output): a file changed since fails with
+        ImageChangedError. `fmt` is the format when the caller knows it (an image it
+        wrote), so the content cannot claim another one.
+        """
         if self._disk is not None:
             return self
-        image = images.probe_image(self.path)
+        image = images.probe_image(self.path, settings=self.settings, fmt=fmt, expected=expected)
         backend = self._backend or make_backend(self.settings.backend)
         os.makedirs(self.settings.work_dir, mode=0o700, exist_ok=True)
 
         def attempt(number: int) -> AttachedDisk:
+            # Right before qemu-nbd opens the chain: still the files that were checked.
+            image.verify_unchanged()
             state_dir = tempfile.mkdtemp(prefix="attach-", dir=self.settings.work_dir)
-            return backend.attach(image, readonly=self.readonly, state_dir=state_dir)
+            try:
+                return backend.attach(image, readonly=self.readonly, state_dir=state_dir)
+            except TransientAttachError as exc:
+                # qemu-nbd could not open the checked image (or build its overlay: a
+                # 2 EiB disk needs an L1 table no file system holds): every retry
+                # would fail the same way, so this is the image's fault, not the host's.
+                if any(sign in exc.reason.lower() for sign in _QEMU_NBD_REFUSED_IMAGE):
+                    raise AttachError(exc.image or image.path, exc.reason) from exc
+                raise
 
         disk, attempts = call_with_retry(attempt, self.settings.retry)
         disk.attempts = attempts
@@ -233,12 +261,25 @@ class VMCraft:
         key = self._key(cache_mod.KIND_PARTITIONS)
         cached = self.cache.get(key, cache_mod.KIND_PARTITIONS) if use_cache else None
         if cached is not None:
+            # The cache may be shared with hosts of other limits: this host's applies.
+            self._check_partition_count(len(cached))
             return self._with_devices(cached)
         else:
             # Fresh results are stored either way: use_cache=False refreshes the cache.
             parts = partitions.read_partition_table(self.disk.disk_path)
+            # Before a device exists for any of them: each partition costs a loop device.
+            self._check_partition_count(len(parts))
             self.cache.set(key, [p.to_dict() for p in parts], self.cache_ttl.partitions_s)
         return [p.with_device(self._device_for(p)) for p in partitions.data_partitions(parts)]
+
+    def _check_partition_count(self, count: int) -> None:
+        limit = self.settings.max_partitions
+        if count > limit:
+            raise PartitionLimitError(
+                self.path,
+                f"the partition table defines {count} partitions, above the limit of "
+                f"{limit} (VMCRAFT_MAX_PARTITIONS)",
+            )
 
     def _with_devices(self, records: list[dict[str, Any]]) -> list[Partition]:
         """Cached records as partitions with this host's devices: the hot path of a cache

@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 
 from vmcraft_tasks.config import FleetSettings
-from vmcraft_tasks.embedded.redis import RedisServer
+from vmcraft_tasks.embedded.redis import ManagedRedis, RedisServer
 from worker.registry import list_hosts
 
 
@@ -37,7 +37,7 @@ class HostProcess:
 
 @dataclass
 class Fleet:
-    server: RedisServer
+    server: RedisServer | ManagedRedis
     work_root: Path
     log_dir: Path
     overrides: dict[str, str] = field(default_factory=dict)

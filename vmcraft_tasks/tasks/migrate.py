@@ -7,16 +7,16 @@ boot disk (write mode unless dry run) -> scan -> chord(mount) -> inspect -> fix
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
 
-from vmcraft_tasks import jobs, policy
+from vmcraft_tasks import conversions, jobs, outputs, policy
 from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.celery_app import app
-from vmcraft_tasks.craft.convert import convert_image
+from vmcraft_tasks.craft.convert import SourceChangedError, convert_image
+from vmcraft_tasks.craft.images import ImageInfo, probe_image
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect_disk import describe_filesystems
 from vmcraft_tasks.craft.mount.ladder import MountResult
@@ -25,10 +25,12 @@ from vmcraft_tasks.craft.prepare import GuestNotReadyError, Mode, prepare_guest
 from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.migration import vm_ended
+from vmcraft_tasks.outfiles import OutputError
 from vmcraft_tasks.outputs import write_domain_xml, write_vm_report
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue, pin
 from vmcraft_tasks.tasks.base import VMStep
 from vmcraft_tasks.tasks.vm import attach, detach_on_error
+from worker.conversions import guarded_conversion, safe_progress
 from worker.runtime import runtime
 
 log = logging.getLogger(__name__)
@@ -67,23 +69,6 @@ def start(self: VMStep, ctx: dict[str, Any]) -> Any:
     raise self.replace(pin(convert.si(ctx).on_error(detach_on_error.s(ctx)), rt.host_id))
 
 
-def _conversion_marker(target: str) -> str:
-    return target + ".vmcraft.json"
-
-
-def _already_converted(disk: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished conversion of the same source (resume skips it)."""
-    try:
-        with open(_conversion_marker(disk["target"])) as fh:
-            done: dict[str, Any] = json.load(fh)
-    except (FileNotFoundError, ValueError):
-        return None
-    from vmcraft_tasks.craft.images import disk_identity
-
-    same = done.get("source_identity") == disk_identity(disk["source"])
-    return done if same and os.path.exists(disk["target"]) else None
-
-
 _SETTINGS = app.conf.vmcraft_settings
 
 
@@ -96,21 +81,21 @@ _SETTINGS = app.conf.vmcraft_settings
 )
 def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
     """Convert every disk under the host's conversion limit, then attach the boot disk."""
-    from vmcraft_tasks.craft.images import disk_identity
-
     rt = runtime()
     try:
         plan = policy.plan_of(rt, ctx)
     except policy.MessageRefused as exc:
         return _refuse_vm(rt, ctx, exc)
     job_id = ctx["job_id"]
+    own = rt.settings.output_roots
+    outputs.check_vm_outputs(plan, settings_roots=own)
+    roots = outputs.vm_output_roots(plan, settings_roots=own)
     results = []
     for index, disk in enumerate(plan["disks"]):
-        done = _already_converted(disk)
+        done = conversions.already_converted(disk["source"], disk["target"], roots)
         if done is not None:
-            results.append({**done, "skipped": "already converted"})
+            results.append({**done.conversion, "skipped": "already converted"})
             continue
-        os.makedirs(os.path.dirname(disk["target"]), exist_ok=True)
         last = [-PROGRESS_STEP_PCT]
 
         def report(pct: float, index: int = index, last: list[float] = last) -> None:
@@ -119,25 +104,49 @@ def convert(self: VMStep, ctx: dict[str, Any]) -> Any:
                 rt.jobs.set_progress(job_id, convert_disk=index, convert_pct=round(pct, 1))
                 self.progress(job_id=job_id, step="converting", disk=index, pct=round(pct, 1))
 
-        with rt.conversion_slots.hold(f"{job_id}:{index}", timeout_s=CONVERSION_WAIT_S):
-            result = convert_image(
+        def copy(staged: str, disk: dict[str, Any] = disk, report: Any = report) -> Any:
+            checked = _source_as_submitted(disk, rt.craft_settings)
+            return convert_image(
                 disk["source"],
-                disk["target"],
+                staged,
                 timeout_s=_SETTINGS.convert_time_limit_s - 120,
                 target_format=plan["target_format"],
-                progress=report,
-                # Our own output: a target without a finished-conversion marker is what
-                # an interrupted earlier attempt left.
-                overwrite=True,
-            )
-        done = {**result.to_dict(), "source_identity": disk_identity(disk["source"])}
-        with open(_conversion_marker(disk["target"]), "w") as fh:
-            json.dump(done, fh)
-        results.append(done)
+                progress=safe_progress(report),
+                overwrite=False,
+                settings=rt.craft_settings,
+                expected=checked,
+            ).to_dict()
+
+        # The guard stops the copy at a warm shutdown or when the VM ends meanwhile,
+        # and records qemu-img's temporary file so a dead worker's copy is cleaned up.
+        with guarded_conversion(rt, job_id, index, disk["target"], wait_s=CONVERSION_WAIT_S):
+            marker = conversions.convert_confined(disk["source"], disk["target"], roots, copy)
+        results.append(marker.conversion)
     rt.jobs.set_progress(job_id, conversions=results, convert_pct=100.0)
     # attach derives the image and write mode from the batch's record, not from here.
     next_ctx = {**ctx, "conversions": results}
     raise self.replace(pin(attach.si(next_ctx), ctx["host"]))
+
+
+def _source_as_submitted(disk: dict[str, Any], settings: Any) -> ImageInfo:
+    """Check the source again now; a source that is no longer what was submitted (a
+    raw disk truncated, say: nothing in it records its size) fails the VM."""
+    info = probe_image(disk["source"], settings=settings)
+    submitted = disk.get("virtual_size")
+    if submitted and info.virtual_size != submitted:
+        raise SourceChangedError(
+            disk["source"],
+            disk["target"],
+            f"its virtual size changed from {submitted} to {info.virtual_size} bytes "
+            "since the batch was submitted",
+        )
+    if disk.get("format") and info.format != disk["format"]:
+        raise SourceChangedError(
+            disk["source"],
+            disk["target"],
+            f"it is now a {info.format} image, it was {disk['format']} when submitted",
+        )
+    return info
 
 
 def _fix_mode(plan: dict[str, Any]) -> Mode:
@@ -164,7 +173,8 @@ def _mount_result(data: dict[str, Any]) -> MountResult:
     return MountResult(**{k: v for k, v in data.items() if k != "partition"})
 
 
-@app.task(name="vmcraft.vm.fix", bind=True, base=VMStep)
+# Not rerunnable: a second run after a crash would work on a half-changed guest.
+@app.task(name="vmcraft.vm.fix", bind=True, base=VMStep, rerunnable=False)
 def fix(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Make the converted copy ready for KVM: fixes, initramfs, guest capabilities.
 
@@ -223,7 +233,10 @@ def finalize(self: VMStep, report: dict[str, Any], ctx: dict[str, Any]) -> dict[
     rt = runtime()
     plan = policy.plan_of(rt, ctx)
     # A data-only VM has nothing to boot: its disks are attached to another domain.
-    xml_path = None if report.get("data_only") else write_domain_xml(plan, report)
+    own = rt.settings.output_roots
+    xml_path = (
+        None if report.get("data_only") else write_domain_xml(plan, report, settings_roots=own)
+    )
     report = {**report, "libvirt_xml": xml_path, "conversions": ctx.get("conversions", [])}
     rt.jobs.transition(ctx["job_id"], jobs.DONE, result=report)
     end_batch_vm(ctx)
@@ -244,7 +257,12 @@ def end_batch_vm(ctx: dict[str, Any]) -> None:
         vm = None
     if vm is not None:
         record = rt.jobs.get(ctx["job_id"])
-        write_vm_report(vm, record, rt.jobs.steps(ctx["job_id"]))
+        try:
+            write_vm_report(
+                vm, record, rt.jobs.steps(ctx["job_id"]), settings_roots=rt.settings.output_roots
+            )
+        except OutputError as exc:
+            log.warning("no report for %s: %s", ctx.get("job_id"), exc)
     if policy.names_batch_vm(ctx):
         vm_ended(app, BatchStore(rt.state), rt.jobs, ctx["batch"], ctx["vm_id"])
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from celery import chain, chord
 
-from vmcraft_tasks import jobs, policy
+from vmcraft_tasks import conversions, jobs, outputs, policy
 from vmcraft_tasks.celery_app import app
-from vmcraft_tasks.craft import commands
+from vmcraft_tasks.craft import commands, mountinfo
 from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.craft.inspect_disk import find_roots, mountable, private_mountpoint
 from vmcraft_tasks.craft.mount.ladder import MountResult
@@ -40,15 +40,20 @@ def _ctx(job: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {**job, **extra}
 
 
-def _what_to_attach(rt: Any, job: dict[str, Any], *, migrating: bool) -> tuple[str, bool]:
-    """(image, readonly) as this worker's policy decides, whatever the message says."""
+def _what_to_attach(
+    rt: Any, job: dict[str, Any], *, migrating: bool
+) -> tuple[str, bool, str | None]:
+    """(image, readonly, format) as this worker's policy decides, whatever the message
+    says; the format is known only for the worker's own conversions."""
     if not migrating:
-        return policy.inspect_request(job, rt.settings.image_roots).image, True
+        return policy.inspect_request(job, rt.settings.image_roots).image, True, None
     vm = policy.plan_of(rt, job)
-    target = vm["disks"][0]["target"]
-    if not os.path.isfile(target) or os.path.islink(target):
-        raise policy.MessageRefused(f"{target}: the converted copy is not there")
-    return target, not policy.write_mode(vm)
+    disk = vm["disks"][0]
+    roots = outputs.vm_output_roots(vm, settings_roots=rt.settings.output_roots)
+    # Only the tool's own, unchanged conversion is ever attached (and maybe writable).
+    if conversions.already_converted(disk["source"], disk["target"], roots) is None:
+        raise policy.MessageRefused(f"{disk['target']} is not a finished conversion of this VM")
+    return disk["target"], not policy.write_mode(vm), str(vm["target_format"])
 
 
 def _refused(rt: Any, message: Any, exc: policy.MessageRefused) -> dict[str, Any]:
@@ -69,7 +74,7 @@ def attach(self: VMStep, job: dict[str, Any]) -> Any:
     migrating = "batch" in job  # the VM's converted copy, in its output folder
     try:
         job_id = policy.job_id_of(job)
-        image, readonly = _what_to_attach(rt, job, migrating=migrating)
+        image, readonly, fmt = _what_to_attach(rt, job, migrating=migrating)
     except policy.MessageRefused as exc:
         return _refused(rt, job, exc)
     if rt.leases.acquire(job_id) is None:
@@ -80,7 +85,8 @@ def attach(self: VMStep, job: dict[str, Any]) -> Any:
         return {"job_id": job_id, "ok": False, "error": "job already ended"}
     rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, attached_at=time.time())
     try:
-        g = VMCraft(image, readonly=readonly, settings=rt.craft_settings, cache=rt.cache).launch()
+        g = VMCraft(image, readonly=readonly, settings=rt.craft_settings, cache=rt.cache)
+        g.launch(fmt=fmt)
     except VMCraftError as exc:
         rt.leases.release(job_id)
         rt.jobs.fail(job_id, str(exc))
@@ -167,8 +173,13 @@ def mount_partition(
             policy.state_dir_for(rt, ctx), settings=rt.craft_settings, cache=rt.cache
         )
         try:
+            mountpoint = private_mountpoint(g, number)
+            if mountinfo.is_mountpoint(mountpoint):
+                # A redelivered step whose first run died after mounting: start clean,
+                # so the result describes this mount and nothing is stacked on it.
+                mountinfo.unmount(mountpoint)
             # The scan already knew the type: no cache round trip to ask again.
-            result = g.mount_with_fallback(number, private_mountpoint(g, number), fstype)
+            result = g.mount_with_fallback(number, mountpoint, fstype)
         finally:
             g.forget()
         ended = time.time()

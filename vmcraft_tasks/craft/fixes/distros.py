@@ -46,7 +46,7 @@ from vmcraft_tasks.craft.fixes.services import (
     is_vmware_sysv_link,
     is_vmware_unit_link,
 )
-from vmcraft_tasks.craft.guestpath import GuestFS
+from vmcraft_tasks.craft.guestpath import GuestFS, TooManyEntries
 from vmcraft_tasks.craft.inspect.linux import TEXT_FILE_CAP
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.partitions import Partition
@@ -61,6 +61,31 @@ NETWORK_NOTE = (
     "(e.g. enp1s0 instead of ens192); configs that name the interface must match it"
 )
 _SELINUX_MODE = re.compile(r"^\s*SELINUX\s*=\s*(enforcing|permissive)\s*$", re.MULTILINE)
+
+# Bounds on the fixes' walks of guest directories: a guest can hold a million ifcfg
+# files, and each file looked at becomes a record holding its text. Real guests have
+# a few dozen entries in these directories. A directory with more than
+# MAX_DIR_ENTRIES entries is skipped whole (only a bounded part of it is ever read,
+# and which part would be arbitrary); once a budget of one `apply_fixes` run is spent
+# (entries listed, files read by the walks, characters of text those files brought
+# in), the rest is skipped. Either way a FixSkip says so: never a crash, never a
+# silent cut.
+MAX_DIR_ENTRIES = 4096
+MAX_WALK_ENTRIES = 16384
+MAX_WALK_FILES = 512
+MAX_WALK_TEXT = 32 * 1024 * 1024
+
+
+@dataclass
+class WalkBudget:
+    """What the directory walks of one `apply_fixes` run may still use.
+
+    The defaults are read when the budget is made, so tests can lower the limits.
+    """
+
+    entries: int = field(default_factory=lambda: MAX_WALK_ENTRIES)
+    files: int = field(default_factory=lambda: MAX_WALK_FILES)
+    text: int = field(default_factory=lambda: MAX_WALK_TEXT)
 
 
 @dataclass
@@ -79,6 +104,7 @@ class FixContext:
     created: list[str] = field(default_factory=list)  # guest paths of new files
     # Guest targets already handled: two links to one file must not edit it twice.
     done: set[str] = field(default_factory=set)
+    walk: WalkBudget = field(default_factory=WalkBudget)
 
     def skip(self, name: str, path: str, reason: str) -> None:
         self.skipped.append(FixSkip(name, path, reason))
@@ -211,6 +237,13 @@ def _join(directory: str, name: str) -> str:
     return f"{directory.rstrip('/')}/{name}"
 
 
+def _budget_spent(left: int) -> str:
+    return (
+        f"{left} more files not examined: the fixes' budget ({MAX_WALK_FILES} files, "
+        f"{MAX_WALK_TEXT} characters of text read by directory walks) is spent"
+    )
+
+
 class Fixer:
     """Fixes every Linux guest needs; families add their own steps and paths."""
 
@@ -312,16 +345,21 @@ class Fixer:
 
     @staticmethod
     def _files_in(ctx: FixContext, directory: str, suffix: str) -> list[str]:
-        if not ctx.fs.is_dir(directory):
-            return []
-        return [_join(directory, entry) for entry in ctx.fs.ls(directory) if entry.endswith(suffix)]
+        name = "kernel-cmdline"
+        files = [e for e in Fixer._list_dir(ctx, name, directory) if e.endswith(suffix)]
+        # These files are read later, one record each: they count against the budget.
+        kept = files[: max(ctx.walk.files, 0)]
+        ctx.walk.files -= len(kept)
+        if len(kept) < len(files):
+            ctx.skip(name, directory, _budget_spent(len(files) - len(kept)))
+        return [_join(directory, entry) for entry in kept]
 
     def _kernel_cmdline_files(self, ctx: FixContext) -> list[tuple[str, str, BootRewriter]]:
         files: list[tuple[str, str, BootRewriter]] = [
             ("grub-cfg", path, rewrite_grub_cfg) for path in self.grub_cfg_paths
         ]
         if ctx.fs.is_dir(self.efi_dir):
-            for vendor in ctx.fs.ls(self.efi_dir):
+            for vendor in self._list_dir(ctx, "grub-cfg", self.efi_dir):
                 for cfg in self.efi_grub_names:
                     path = _join(_join(self.efi_dir, vendor), cfg)
                     files.append(("grub-cfg", path, rewrite_grub_cfg))
@@ -373,6 +411,32 @@ class Fixer:
             looked = ", ".join(self.initramfs_generators)
             ctx.skip("virtio-initramfs", "/", f"no initramfs generator found (looked for {looked})")
 
+    # -- walks ---------------------------------------------------------------------
+
+    @staticmethod
+    def _list_dir(ctx: FixContext, name: str, directory: str) -> list[str]:
+        """Entries of a guest directory, within the walk bounds; none, with a skip, beyond."""
+        if not ctx.fs.is_dir(directory):
+            return []
+        limit = max(min(MAX_DIR_ENTRIES, ctx.walk.entries), 0)
+        try:
+            entries = ctx.fs.ls(directory, limit=limit)
+        except TooManyEntries:
+            if limit < MAX_DIR_ENTRIES:
+                reason = (
+                    "not examined: the fixes' budget of "
+                    f"{MAX_WALK_ENTRIES} directory entries is spent"
+                )
+            else:
+                reason = (
+                    f"more than {MAX_DIR_ENTRIES} entries: not examined "
+                    f"(the fixes look at most at {MAX_DIR_ENTRIES} entries of a directory)"
+                )
+            ctx.skip(name, directory, reason)
+            return []
+        ctx.walk.entries -= len(entries)
+        return entries
+
     # -- network ------------------------------------------------------------------
 
     def _edit_dir(
@@ -383,11 +447,18 @@ class Fixer:
         wanted: Callable[[str], bool],
         rewrite: Rewriter,
     ) -> None:
-        if not ctx.fs.is_dir(directory):
-            return
-        for entry in ctx.fs.ls(directory):
-            if wanted(entry):
-                self._network_edit(ctx, name, _join(directory, entry), rewrite)
+        entries = [entry for entry in self._list_dir(ctx, name, directory) if wanted(entry)]
+        for index, entry in enumerate(entries):
+            if ctx.walk.files <= 0 or ctx.walk.text <= 0:
+                ctx.skip(name, directory, _budget_spent(len(entries) - index))
+                return
+            first = len(ctx.applied)
+            self._network_edit(ctx, name, _join(directory, entry), rewrite)
+            ctx.walk.files -= 1
+            # Records hold the text they read (twice: before and after).
+            ctx.walk.text -= sum(
+                len(r.before or "") + len(r.after or "") for r in ctx.applied[first:]
+            )
 
     @staticmethod
     def _network_edit(ctx: FixContext, name: str, path: str, rewrite: Rewriter) -> None:
@@ -439,14 +510,14 @@ class Fixer:
         if real in seen:
             return []
         seen.add(real)
-        paths = [_join(real, entry) for entry in ctx.fs.ls(real)]
+        paths = [_join(real, entry) for entry in self._list_dir(ctx, "vmware-tools", real)]
         return [path for path in paths if ctx.fs.is_symlink(path)]
 
     def disable_vmware_tools(self, ctx: FixContext) -> None:
         seen: set[str] = set()
         units = self.systemd_system_dir
         if ctx.fs.is_dir(units):
-            for entry in ctx.fs.ls(units):
+            for entry in self._list_dir(ctx, "vmware-tools", units):
                 if not is_enablement_dir(entry):
                     continue
                 for link in self._links_in(ctx, _join(units, entry), seen):

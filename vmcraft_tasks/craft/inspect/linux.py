@@ -7,11 +7,17 @@ read the guest take a GuestFS so every read stays inside the guest root.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from vmcraft_tasks.craft.errors import GuestPathError
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.inspect.arch import detect_linux_arch
-from vmcraft_tasks.craft.inspect.fstab import ResolvedFstabEntry, parse_fstab, resolve_fstab
+from vmcraft_tasks.craft.inspect.fstab import (
+    FstabEntry,
+    ResolvedFstabEntry,
+    parse_fstab,
+    resolve_fstab,
+)
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect.osrelease import (
     DistroInfo,
@@ -25,9 +31,15 @@ from vmcraft_tasks.craft.inspect.osrelease import (
 )
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.redact import redact_line
 
 # Config files are small; a huge one is hostile or corrupt and not worth reading.
 TEXT_FILE_CAP = 1024 * 1024
+# A product name, distro id or hostname longer than this is not one: the facts are
+# cut here, where they are read, so a guest cannot put a megabyte of os-release
+# PRETTY_NAME into every report, job record and summary row. (The text itself is kept
+# as the guest wrote it; whoever prints it escapes it, see craft/textsafe.py.)
+MAX_FACT_CHARS = 256
 
 RHEL_FAMILY = frozenset({"rhel", "centos", "rocky", "almalinux", "oraclelinux", "scientificlinux"})
 
@@ -55,6 +67,11 @@ PACKAGE_MANAGERS = {
     "apk": (("apk", "apk"),),
 }
 _BIN_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+
+
+def bounded(value: str | None) -> str | None:
+    """A guest-supplied fact cut to `MAX_FACT_CHARS` characters."""
+    return value if value is None else value[:MAX_FACT_CHARS]
 
 
 def parse_hostname_file(text: str) -> str | None:
@@ -172,7 +189,19 @@ def read_fstab(
     if text is None:
         notes.append("no /etc/fstab")
         return ()
-    return tuple(resolve_fstab(parse_fstab(text), filesystems, partitions))
+    # The inspection report travels into JSON files and Redis: a cifs or davfs entry's
+    # password=... option (or URL password) must not go with it. Resolution uses the
+    # spec, mountpoint and option names, which redaction keeps.
+    entries = [_without_secrets(entry) for entry in parse_fstab(text)]
+    return tuple(resolve_fstab(entries, filesystems, partitions))
+
+
+def _without_secrets(entry: FstabEntry) -> FstabEntry:
+    options = tuple(redact_line(option) for option in entry.options)
+    spec = redact_line(entry.spec)
+    if options == entry.options and spec == entry.spec:
+        return entry
+    return replace(entry, spec=spec, options=options)
 
 
 def inspect_linux(
@@ -194,12 +223,12 @@ def inspect_linux(
     return OSInfo(
         root_partition=root_partition,
         type="linux",
-        distro=distro.distro if distro else None,
-        product_name=distro.product_name if distro else None,
+        distro=bounded(distro.distro) if distro else None,
+        product_name=bounded(distro.product_name) if distro else None,
         major=distro.major if distro else None,
         minor=distro.minor if distro else None,
         arch=arch,
-        hostname=detect_hostname(fs, notes),
+        hostname=bounded(detect_hostname(fs, notes)),
         package_format=package_format,
         package_management=detect_package_management(fs, package_format, distro),
         fstab=read_fstab(fs, filesystems, partitions, notes),

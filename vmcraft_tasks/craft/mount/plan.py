@@ -62,7 +62,7 @@ def default_options(fstype: str | None, readonly: bool) -> tuple[str, ...]:
     if fstype in EXT_TYPES:
         return ("ro", "noload", *safe) if readonly else ("rw", *safe)
     if fstype == "xfs":
-        return ("ro", "norecovery", "nouuid", *safe) if readonly else ("rw", *safe)
+        return ("ro", "norecovery", "nouuid", *safe) if readonly else ("rw", "nouuid", *safe)
     if fstype == "btrfs":
         return ("ro", "rescue=nologreplay", *safe) if readonly else ("rw", *safe)
     if fstype == "vfat":
@@ -97,11 +97,13 @@ def plan_strategies(
             ),
         ]
     if fstype == "xfs":
-        # Clones of one template share an XFS UUID; nouuid lets them mount side by side.
-        uuid_opt = ("nouuid",) if readonly else ()
+        # Clones of one template share an XFS UUID; nouuid lets them mount side by side,
+        # in either mode: converted copies of clones are attached writable, and without
+        # it the second copy would fall to the no-replay rung (a stale view) instead of
+        # replaying its log.
         return [
             MountStrategy(
-                STRATEGY_NORMAL, "mount", "xfs", (mode, *uuid_opt, *safe), "kernel", False
+                STRATEGY_NORMAL, "mount", "xfs", (mode, "nouuid", *safe), "kernel", False
             ),
             MountStrategy(
                 STRATEGY_NORECOVERY,

@@ -39,6 +39,9 @@ PERMANENT_QEMU_NBD_ERRORS = (
     "no such file",
     "permission denied",
     "not supported",
+    # qemu could not build the (snapshot) graph for this image, e.g. a size beyond its
+    # limits: another attempt fails the same way.
+    "failed to blk_new_open",
 )
 
 
@@ -47,7 +50,8 @@ def qemu_nbd_argv(image: ImageInfo, socket: str, pid_file: str, *, readonly: boo
 
     Read-only attaches export a throw-away overlay (`--snapshot`): the export is
     writable so a guest journal can be replayed, but the writes land in the overlay
-    and the source stays byte-identical.
+    and the source stays byte-identical. The image is the pinned block graph of its
+    check (`ImageInfo.qemu_filename()`), never a bare name qemu-nbd would interpret.
     """
     argv = [
         "qemu-nbd",
@@ -61,7 +65,7 @@ def qemu_nbd_argv(image: ImageInfo, socket: str, pid_file: str, *, readonly: boo
     ]
     if readonly:
         argv.append("--snapshot")
-    argv.append(image.path)
+    argv.append(image.qemu_filename())
     return argv
 
 

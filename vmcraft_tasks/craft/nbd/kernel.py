@@ -153,7 +153,9 @@ def build_connect_argv(
         argv.append("--snapshot")
     # No --fork: with --connect qemu-nbd daemonises by itself and the parent exits only
     # once the kernel accepted the socket (or with the child's error message).
-    argv += [f"--pid-file={pid_file}", image.path]
+    # The image is the pinned block graph of its check, never a bare name qemu-nbd
+    # would reinterpret (backing files, extents, data files, protocols).
+    argv += [f"--pid-file={pid_file}", image.qemu_filename()]
     return argv
 
 
