@@ -195,6 +195,11 @@ def batch_status(
 def _last_update(client: FleetClient, record: JobRecord) -> float | None:
     steps = client.jobs.steps(record.job_id)
     stamps = [s["at"] for s in steps] + list(record.timestamps.values())
+    # The host's reconciler stamps `alive_at` while a step of the VM runs: an
+    # hours-long conversion records no step, but it is alive, not stalled.
+    alive = record.progress.get("alive_at")
+    if isinstance(alive, int | float):
+        stamps.append(float(alive))
     return max(stamps) if stamps else None
 
 

@@ -63,6 +63,8 @@ class ConversionRecord:
     holder: dict[str, Any]
     started: float
     parts: tuple[str, ...] = ()
+    # qemu-img processes seen working on `parts`: (pid, start ticks, temporary file).
+    pids: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def holder_obj(self) -> Holder | None:
@@ -71,6 +73,7 @@ class ConversionRecord:
     def to_json(self) -> str:
         data = asdict(self)
         data["parts"] = list(self.parts)
+        data["pids"] = [list(p) for p in self.pids]
         return json.dumps(data)
 
 
@@ -99,6 +102,7 @@ def records(host_work_dir: str) -> list[tuple[str, ConversionRecord]]:
             with open(path) as fh:
                 data = json.load(fh)
             data["parts"] = tuple(data.get("parts") or ())
+            data["pids"] = tuple((int(p[0]), int(p[1]), str(p[2])) for p in data.get("pids") or ())
             found.append((path, ConversionRecord(**data)))
         except (OSError, ValueError, TypeError) as exc:
             log.warning("unreadable conversion record %s: %s", path, exc)
@@ -149,7 +153,12 @@ def cleanup(path: str, record: ConversionRecord, *, protected: Iterable[str] = (
     keep = {f for p in protected for f in _family(p)}
     parts = sorted({*record.parts, *part_files(record.target)} - keep)
     for part in parts:
-        for pid in procs.find(QEMU_IMG, part):
+        # The recorded pids first (still the same process, still on this file), then
+        # any other qemu-img the command line shows on it (started after the last look).
+        recorded = [
+            pid for pid, ticks, on in record.pids if on == part and procs.same_process(pid, ticks)
+        ]
+        for pid in dict.fromkeys([*recorded, *procs.find(QEMU_IMG, part)]):
             if procs.kill_verified(pid, QEMU_IMG, part):
                 done.append(f"killed qemu-img {pid} writing {part}")
         try:
@@ -267,10 +276,26 @@ class ConversionGuard:
                 if procs.kill_verified(pid, QEMU_IMG, part, timeout_s=2.0):
                     log.warning("stopped qemu-img %d on %s: %s", pid, part, self.stopped)
 
+    def _note_pids(self) -> None:
+        """Record the pid of each qemu-img on our temporary files, once it runs."""
+        with self._lock:
+            known = {(pid, part) for pid, _ticks, part in self.record.pids}
+            new = []
+            for part in self.record.parts:
+                for pid in procs.find(QEMU_IMG, part):
+                    ticks = procs.start_ticks(pid)
+                    if (pid, part) not in known and ticks is not None:
+                        new.append((pid, ticks, part))
+            if new:
+                self.record = replace(self.record, pids=(*self.record.pids, *new))
+                _write(self.path, self.record)
+
     def _watch(self) -> None:
         while not self._done.wait(self.interval_s):
             if self.should_stop():
                 self._kill_running()
+            elif self.record.parts and len(self.record.pids) < len(self.record.parts):
+                self._note_pids()
 
     def __enter__(self) -> ConversionGuard:
         _write(self.path, self.record)

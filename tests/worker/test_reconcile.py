@@ -369,3 +369,26 @@ def test_only_requests_the_ledger_agrees_with_are_evidence_of_life(rt):
     assert reconciler._believable(held, [], mono) == {"r-2": "b.other"}
     # Not started a grace period later: not believed either.
     assert reconciler._believable(held, [], mono + reconciler.grace_s + 1) == {}
+
+
+def test_the_guard_records_the_pid_of_the_qemu_img_it_watches(rt, tmp_path):
+    target = tmp_path / "vm3-disk0.qcow2"
+    part = Path(f"{target}.part-0c0d")
+    holder = Holder(HOST, os.getpid(), procs.start_ticks(os.getpid()), "c-3", "b.vm3", "convert")
+    guard = conversions.ConversionGuard(
+        rt.host_work_dir, "b.vm3:0", "b.vm3", str(target), holder, interval_s=0.05
+    )
+    with guard:
+        from vmcraft_tasks.craft import commands
+
+        commands._announce(["qemu-img", "convert", str(part)])
+        running = _fake_qemu_img(part)
+        deadline = time.monotonic() + 5
+        while not guard.record.pids:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ((_path, record),) = conversions.records(rt.host_work_dir)
+        assert record.pids == ((running.pid, procs.start_ticks(running.pid), str(part)),)
+        running.kill()
+        running.wait()
+    part.unlink(missing_ok=True)
