@@ -383,7 +383,7 @@ def test_the_guard_records_the_pid_of_the_qemu_img_it_watches(rt, tmp_path):
 
         commands._announce(["qemu-img", "convert", str(part)])
         running = _fake_qemu_img(part)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20  # a bound on a hang, not a timing target
         while not guard.record.pids:
             assert time.monotonic() < deadline
             time.sleep(0.05)
