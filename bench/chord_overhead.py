@@ -24,13 +24,20 @@ from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.embedded.fleet import Fleet
 from vmcraft_tasks.embedded.redis import redis_server
-from vmcraft_tasks.samples import imagebuild
+from vmcraft_tasks.samples.recipes.twenty_parts import twenty_parts_raw
+from vmcraft_tasks.samples.toolkit import copy_image
 
 WORKERS = 2
 
 
 def overlay(base: str, directory: Path, n: int) -> str:
+    """A qcow2 over a copy of `base` in `directory`: image checks refuse a backing file
+    outside the image's own directory (no image roots are configured here)."""
     top = directory / f"vm{n:03d}.qcow2"
+    local = directory / Path(base).name
+    if not local.exists():
+        copy_image(base, directory)
+    base = local.name  # relative: resolved next to the overlay
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", str(top)], check=True
     )
@@ -62,7 +69,7 @@ def fleet_mount_phase(client: FleetClient, image: str) -> tuple[float, int]:
 
 
 def main(runs: int = 5) -> None:
-    base = imagebuild.twenty_parts_raw().path
+    base = twenty_parts_raw().path
     with redis_server() as server, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fleet = Fleet(

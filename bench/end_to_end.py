@@ -23,10 +23,8 @@ and removed before run() returns.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
+import functools
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +50,14 @@ from vmcraft_tasks.craft.convert import convert_image
 from vmcraft_tasks.craft.inspect_disk import find_roots, private_mountpoint
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.embedded.fleet import Fleet, HostProcess
+from vmcraft_tasks.embedded.fleet import Fleet
 from vmcraft_tasks.embedded.redis import RedisServer, redis_server
+from vmcraft_tasks.jobs import JobRecord
 from vmcraft_tasks.outputs import step_timings
-from vmcraft_tasks.samples import imagebuild
-from vmcraft_tasks.samples.imagebuild import BuiltImage, MiB, _Part
+from vmcraft_tasks.samples.recipes.small_mbr import small_mbr_raw
+from vmcraft_tasks.samples.recipes.ten_parts_ubuntu import ten_parts_ubuntu_raw
+from vmcraft_tasks.samples.toolkit import copy_image
+from worker import timeline
 
 NAME = "end_to_end"
 
@@ -79,216 +80,22 @@ BATCH_TIMEOUT_S = 900.0
 
 # --------------------------------------------------------------------------- sample disks
 
-TEN_ID = 0x0B10
-SMALL_ID = 0x0B11
-SMALL_DISK_ID = "0x5eed0b11"
-UBUNTU_KERNEL = "5.15.0-91-generic"
-
-UBUNTU_OS_RELEASE = """\
-PRETTY_NAME="Ubuntu 22.04.4 LTS"
-NAME="Ubuntu"
-VERSION_ID="22.04"
-VERSION="22.04.4 LTS (Jammy Jellyfish)"
-VERSION_CODENAME=jammy
-ID=ubuntu
-ID_LIKE=debian
-HOME_URL="https://www.ubuntu.com/"
-UBUNTU_CODENAME=jammy
-"""
-
-DPKG_STATUS = """\
-Package: base-files
-Status: install ok installed
-Architecture: amd64
-Version: 12ubuntu4.6
-
-Package: openssh-server
-Status: install ok installed
-Architecture: amd64
-Version: 1:8.9p1-3ubuntu0.6
-
-Package: linux-image-5.15.0-91-generic
-Status: install ok installed
-Architecture: amd64
-Version: 5.15.0-91.101
-"""
-
-
-@dataclass(frozen=True)
-class _Fs:
-    mountpoint: str  # "swap" for the swap partition
-    label: str
-    size_mib: int
-    files: dict[str, str | bytes] = field(default_factory=dict)
-
-
-def _ten_layout() -> list[_Fs]:
-    """A realistic Ubuntu server: / with a small Linux tree, nine other partitions."""
-    elf = Path("/usr/bin/true").read_bytes()
-    root: dict[str, str | bytes] = {
-        "/usr/lib/os-release": UBUNTU_OS_RELEASE,
-        "/etc/lsb-release": "DISTRIB_ID=Ubuntu\nDISTRIB_RELEASE=22.04\n",
-        "/etc/debian_version": "bookworm/sid\n",
-        "/etc/hostname": "app10\n",
-        "/etc/hosts": "127.0.0.1 localhost\n127.0.1.1 app10\n",
-        "/etc/passwd": (
-            "root:x:0:0:root:/root:/bin/bash\nubuntu:x:1000:1000::/home/ubuntu:/bin/bash\n"
-        ),
-        "/etc/group": "root:x:0:\nubuntu:x:1000:\n",
-        "/etc/apt/sources.list": "deb http://archive.ubuntu.com/ubuntu jammy main\n",
-        "/var/lib/dpkg/status": DPKG_STATUS,
-        "/usr/bin/ls": elf,
-    }
-    return [
-        _Fs("/", "rootfs", 64, root),
-        _Fs(
-            "/boot",
-            "boot",
-            32,
-            {
-                f"/vmlinuz-{UBUNTU_KERNEL}": "dummy kernel\n",
-                f"/initrd.img-{UBUNTU_KERNEL}": "dummy initrd\n",
-                "/grub/grub.cfg": f"linux /vmlinuz-{UBUNTU_KERNEL} root=LABEL=rootfs ro\n",
-            },
-        ),
-        _Fs("/home", "home", 24, {"/ubuntu/.profile": "# ~/.profile\n"}),
-        _Fs("/var", "var", 32, {"/lib/dpkg/status": DPKG_STATUS, "/cache/apt/.keep": ""}),
-        _Fs("/tmp", "tmp", 16),
-        _Fs("/opt", "opt", 16, {"/app/bin/run.sh": "#!/bin/sh\nexec /opt/app/bin/app\n"}),
-        _Fs("/srv", "srv", 16, {"/www/index.html": "<h1>app10</h1>\n"}),
-        _Fs("/var/log", "varlog", 16, {"/syslog": "Jan  1 00:00:00 app10 kernel: boot\n"}),
-        _Fs(
-            "/usr/local", "usrlocal", 16, {"/bin/backup.sh": "#!/bin/sh\ntar czf /srv/b.tgz /etc\n"}
-        ),
-        _Fs("swap", "swap", 16),
-    ]
-
-
-def _fstab(layout: list[_Fs], uuids: dict[int, str]) -> str:
-    lines = ["# /etc/fstab: static file system information."]
-    for n, fs in enumerate(layout, start=1):
-        if fs.mountpoint == "swap":
-            lines.append(f"UUID={uuids[n]} none swap sw 0 0")
-        else:
-            passno = 1 if fs.mountpoint == "/" else 2
-            lines.append(f"UUID={uuids[n]} {fs.mountpoint} ext4 defaults 0 {passno}")
-    return "\n".join(lines) + "\n"
-
-
-def _root_dirs(root: Path, mountpoints: list[str]) -> None:
-    for d in ("proc", "sys", "dev", "run", "root", "usr/sbin", "usr/lib64", "etc/network"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for mp in mountpoints:
-        if mp not in ("/", "swap"):
-            (root / mp.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib")):
-        (root / link).symlink_to(target)
-    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
-    (root / "usr/bin/ls").chmod(0o755)
-
-
-def _make_filesystems(
-    layout: list[_Fs], work: Path, image_id: int, fstab_extra: str = ""
-) -> tuple[list[Path], dict[int, str]]:
-    uuids = {n: imagebuild._fs_uuid(image_id, n) for n in range(1, len(layout) + 1)}
-    files: list[Path] = []
-    for n, fs in enumerate(layout, start=1):
-        out = work / f"p{n:02d}.img"
-        if fs.mountpoint == "swap":
-            imagebuild._mkswap(out, fs.size_mib, fs.label, uuids[n])
-        else:
-            src = work / f"src{n:02d}"
-            tree = dict(fs.files)
-            if fs.mountpoint == "/":
-                tree["/etc/fstab"] = _fstab(layout, uuids) + fstab_extra
-            src.mkdir()
-            imagebuild._write_tree(src, tree, {})
-            if fs.mountpoint == "/":
-                _root_dirs(src, [f.mountpoint for f in layout])
-            imagebuild._mkfs_ext4(out, fs.size_mib, fs.label, uuids[n], src)
-        files.append(out)
-    return files, uuids
-
-
-def _build_ten_parts(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
-    layout = _ten_layout()
-    fs_files, uuids = _make_filesystems(layout, work, TEN_ID)
-    parts = [
-        _Part(
-            fs.size_mib,
-            imagebuild.GPT_LINUX_SWAP if fs.mountpoint == "swap" else imagebuild.GPT_LINUX_FS,
-            path,
-            fs.label,
-            imagebuild._gpt_uuid(TEN_ID, n),
-        )
-        for n, (fs, path) in enumerate(zip(layout, fs_files, strict=True), start=1)
-    ]
-    size_mib = sum(fs.size_mib for fs in layout) + 2
-    disk = out / "ten-parts-ubuntu.raw"
-    imagebuild._assemble(disk, size_mib, "gpt", imagebuild._gpt_uuid(TEN_ID, 0), parts)
-    notes = {
-        "partition_count": len(layout),
-        "mountpoints": {n: fs.mountpoint for n, fs in enumerate(layout, start=1)},
-        "fs_uuids": uuids,
-        "root_partition": 1,
-        "virtual_size": size_mib * MiB,
-    }
-    return disk.name, "raw", notes
-
-
-def _build_small_mbr(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
-    root: dict[str, str | bytes] = {
-        "/usr/lib/os-release": imagebuild.DEBIAN_OS_RELEASE,
-        "/etc/hostname": "small\n",
-        "/etc/debian_version": "12.5\n",
-        "/var/lib/dpkg/status": DPKG_STATUS,
-        "/usr/bin/ls": Path("/usr/bin/true").read_bytes(),
-    }
-    layout = [
-        _Fs("/boot", "boot", 16, {f"/vmlinuz-{UBUNTU_KERNEL}": "dummy kernel\n"}),
-        _Fs("/", "rootfs", 40, root),
-        _Fs("swap", "swap", 8),
-    ]
-    fs_files, uuids = _make_filesystems(layout, work, SMALL_ID)
-    types = {"/boot": "83", "/": "83", "swap": "82"}
-    parts = [
-        _Part(fs.size_mib, types[fs.mountpoint], path, bootable=fs.mountpoint == "/boot")
-        for fs, path in zip(layout, fs_files, strict=True)
-    ]
-    size_mib = sum(fs.size_mib for fs in layout) + 2
-    disk = out / "small-mbr.raw"
-    imagebuild._assemble(disk, size_mib, "dos", SMALL_DISK_ID, parts)
-    notes = {"partition_count": 3, "fs_uuids": uuids, "root_partition": 2}
-    return disk.name, "raw", notes
-
-
-def _builder_tag(*objects: Any) -> str:
-    """A short hash of the builders' own source: editing them here rebuilds the image
-    (imagebuild's cache directory only tracks imagebuild's sources)."""
-    digest = hashlib.sha256()
-    for obj in objects:
-        digest.update(inspect.getsource(obj).encode())
-    return digest.hexdigest()[:8]
-
-
-_BUILDER_PARTS = (_Fs, _ten_layout, _fstab, _root_dirs, _make_filesystems)
-
-
-def ten_parts_ubuntu_raw() -> BuiltImage:
-    tag = _builder_tag(*_BUILDER_PARTS, _build_ten_parts)
-    return imagebuild._cached(f"bench-ten-parts-ubuntu-raw-{tag}", _build_ten_parts)
-
-
-def small_mbr_raw() -> BuiltImage:
-    tag = _builder_tag(*_BUILDER_PARTS, _build_small_mbr)
-    return imagebuild._cached(f"bench-small-mbr-raw-{tag}", _build_small_mbr)
+# The disks are sample recipes: vmcraft_tasks/samples/recipes/ten_parts_ubuntu.py (the
+# guide's 10-partition Ubuntu server) and small_mbr.py (the batch's VMs).
 
 
 def overlay(base: str, directory: Path, name: str) -> str:
-    """A qcow2 on top of `base`: a distinct disk (own identity) in milliseconds."""
+    """A qcow2 on top of `base`: a distinct disk (own identity) in milliseconds.
+
+    The overlays share one sparse copy of `base` in `directory`: image checks refuse a
+    backing file outside the image's own directory (no image roots are configured)."""
+    local = directory / Path(base).name
+    if not local.exists():
+        copy_image(base, directory)
     top = directory / f"{name}.qcow2"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", str(top)], check=True
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", local.name, "-F", "raw", str(top)],
+        check=True,
     )
     return str(top)
 
@@ -456,15 +263,51 @@ class RedisCounters:
         )
 
 
-_TASK_LINE = r"(vmcraft\.vm\.\w+) (done|replaced|retry|failed|cancelled) in ([0-9.]+) ms"
+MOUNT_TASK = "vmcraft.vm.mount_partition"
 
 
-def task_durations(host: HostProcess, offset: int) -> list[tuple[str, float]]:
-    """(task, seconds inside the task) for every step the host logged after `offset`."""
-    with open(host.log, "rb") as fh:
-        fh.seek(offset)
-        text = fh.read().decode(errors="replace")
-    return [(m[1], float(m[3]) / 1000) for m in re.finditer(_TASK_LINE, text)]
+def mount_spans(
+    client: FleetClient, hosts: list[str], job_ids: set[str] | None = None
+) -> list[timeline.Interval]:
+    """The mount steps' bodies from the hosts' timelines (each a mount of one partition,
+    ident "<job>:<partition>"); only those of `job_ids` when given."""
+    found = []
+    for host in hosts:
+        for span in timeline.intervals(client.state, host, "mount"):
+            if job_ids is None or span.ident.rsplit(":", 1)[0] in job_ids:
+                found.append(span)
+    return found
+
+
+def step_spans(
+    record: JobRecord, steps: list[dict[str, Any]], mounts: list[timeline.Interval]
+) -> list[tuple[str, float, float]]:
+    """(task, start, end) of every step body of one job, from what Redis holds.
+
+    A step record says when the step ended ("at"; "started" too, where the step runner
+    records it). Otherwise a step's body starts with the first job state it enters
+    (attaching, scanning, ...): the earliest state timestamp after the previous step
+    ended; a step that enters no state counts from the previous step's end. Mount
+    steps run side by side: their bodies are the host timeline's mount intervals
+    (from the mount slot on: narrower than the whole task). Without "started" the
+    bodies come out somewhat shorter than the tasks' own timers would say.
+    """
+    states = sorted(float(t) for t in record.timestamps.values())
+    spans: list[tuple[str, float, float]] = []
+    previous = float(record.timestamps.get("queued", 0.0))
+    timed_mounts = False
+    for entry in sorted(steps, key=lambda e: float(e["at"])):
+        at = float(entry["at"])
+        if "started" in entry:
+            spans.append((str(entry["task"]), float(entry["started"]), at))
+            timed_mounts |= entry["task"] == MOUNT_TASK
+        elif entry["task"] != MOUNT_TASK:
+            entered = [t for t in states if previous < t <= at]
+            spans.append((str(entry["task"]), min(entered) if entered else previous, at))
+        previous = max(previous, at)
+    if not timed_mounts:
+        spans += [(MOUNT_TASK, span.start, span.end) for span in mounts]
+    return spans
 
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -498,13 +341,11 @@ FLEET_PHASES = (
 
 def fleet_workflow(fleet: Fleet, client: FleetClient, image: str) -> dict[str, Any]:
     """Submit one inspection and wait for it; the shared scan cache is emptied first."""
-    host = next(iter(fleet.hosts.values()))
     cache = redis.Redis.from_url(client.settings.cache_url)
     try:
         cache.flushdb()  # a cold cache, as the library's fresh in-process cache
     finally:
         cache.close()
-    offset = host.log.stat().st_size
     before = RedisCounters.read(client.state)
     polls = 0
     started = time.time()
@@ -530,23 +371,18 @@ def fleet_workflow(fleet: Fleet, client: FleetClient, image: str) -> dict[str, A
     mounts = [s for s in steps if s["task"] == "vmcraft.vm.mount_partition"]
     marks["mounts done"] = max(s["at"] for s in mounts)
     phases = {label: marks[end] - marks[start] for label, start, end in FLEET_PHASES}
-    # Time inside task bodies (worker log) against the wall: the rest is messaging.
-    time.sleep(0.05)  # the last log lines of the detach step
-    durations = task_durations(host, offset)
-    intervals = []
-    by_task: dict[str, list[float]] = {}
-    for task, seconds in durations:
-        by_task.setdefault(task, []).append(seconds)
-    for s in steps:
-        spent = by_task.get(s["task"], [])
-        if spent:
-            intervals.append((s["at"] - spent.pop(0), s["at"]))
+    # Time inside step bodies (step records, timeline) against the wall: the rest is
+    # messaging.
+    time.sleep(0.05)  # the last step records its end just after the VM is done
+    steps = client.jobs.steps(job)
+    spans = step_spans(record, steps, mount_spans(client, list(fleet.hosts), {job}))
+    intervals = [(start, end) for _task, start, end in spans]
     total = seen - started
     busy = busy_seconds(intervals)
     return {
         "total": total,
         "phases": phases,
-        "in_tasks": sum(seconds for _task, seconds in durations),
+        "in_tasks": sum(end - start for start, end in intervals),
         "busy": busy,
         "between_steps": total - busy,
         "tasks": len(steps),
@@ -622,7 +458,6 @@ def batch_fleet(base: str, root: Path, vms: int, hosts: int) -> dict[str, Any]:
     disks = [overlay(base, root, f"vm{n:02d}") for n in range(vms)]
     manifest = write_manifest(root, f"e2e-{hosts}h", disks)
     with redis_server() as server, running_fleet(server, root / "fleet", hosts) as (fleet, client):
-        offsets = {h.host: h.log.stat().st_size for h in fleet.hosts.values()}
         workers_before, client_before = fleet_cpu_s(fleet), _own_cpu_s()[0]
         counters = RedisCounters.read(client.state)
         started = time.time()
@@ -640,15 +475,19 @@ def batch_fleet(base: str, root: Path, vms: int, hosts: int) -> dict[str, Any]:
         cpu = {k: v - workers_before[k] for k, v in fleet_cpu_s(fleet).items()}
         cpu["client"] = _own_cpu_s()[0] - client_before
         redis_delta = RedisCounters.read(client.state).since(counters)
-        time.sleep(0.3)  # the last steps log their line just after the VM is marked done
+        time.sleep(0.3)  # the last steps record their end just after the VM is marked done
+        job_ids = [job_id_for(batch, vm.vm_id) for vm in status.vms]
+        records = [client.jobs.get(job_id) for job_id in job_ids]
+        mounts = mount_spans(client, list(fleet.hosts), set(job_ids))
         in_tasks: dict[str, float] = {}
         task_runs = 0
-        for h in fleet.hosts.values():
-            for task, seconds in task_durations(h, offsets[h.host]):
+        for job_id, record in zip(job_ids, records, strict=True):
+            steps = client.jobs.steps(job_id)
+            task_runs += len(steps)
+            own = [m for m in mounts if m.ident.rsplit(":", 1)[0] == job_id]
+            for task, start, end in step_spans(record, steps, own):
                 name = task.removeprefix("vmcraft.vm.")
-                in_tasks[name] = in_tasks.get(name, 0.0) + seconds
-                task_runs += 1
-        records = [client.jobs.get(job_id_for(batch, vm.vm_id)) for vm in status.vms]
+                in_tasks[name] = in_tasks.get(name, 0.0) + end - start
     done = [r for r in records if r.status == "done"]
     if len(done) != vms:
         failed = {r.job_id: r.error for r in records if r.status != "done"}
@@ -824,9 +663,13 @@ def batch(vms: int, rounds: int) -> tuple[str, dict[str, Any]]:
         variants = {SEQUENTIAL: variant(SEQUENTIAL, lambda r: batch_sequential(base, r, vms))}
         for hosts in HOST_COUNTS:
             name = fleet_name(hosts)
-            variants[name] = variant(name, lambda r, h=hosts: batch_fleet(base, r, vms, h))
+            variants[name] = variant(name, functools.partial(_fleet_batch, base, vms, hosts))
         series = common.alternate(variants, rounds)
     return render_batch(vms, series, runs)
+
+
+def _fleet_batch(base: str, vms: int, hosts: int, root: Path) -> dict[str, Any]:
+    return batch_fleet(base, root, vms, hosts)
 
 
 SEQUENTIAL = "sequential loop (library)"
@@ -837,7 +680,7 @@ def fleet_name(hosts: int) -> str:
 
 
 def _median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    return float(statistics.median(r[key] for r in runs))
 
 
 def render_batch(
@@ -940,7 +783,8 @@ def render_fleet_profile(vms: int, runs: dict[str, list[dict[str, Any]]]) -> str
     text += (
         f"\nThe loop spends {common.ms(loop['python']):.0f} CPU ms per VM in Python and "
         f"{common.ms(loop['tools']):.0f} in the programs it runs ('tools'). 'in task' is wall "
-        "time inside the task bodies (worker logs), summed over the batch's tasks of that "
+        "time inside the task bodies (step records and mount timelines in Redis), summed over "
+        "the batch's tasks of that "
         "kind and divided by the VMs: with several VMs in flight it includes waiting for a "
         "core.\n"
     )

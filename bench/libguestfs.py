@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bench import common
@@ -63,7 +64,7 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
         reason = f"libguestfs is not installed ({', '.join(missing)} not on PATH): skipped"
         return reason + "\n", {"skipped": reason}
 
-    from bench.end_to_end import ten_parts_ubuntu_raw
+    from vmcraft_tasks.samples.recipes.ten_parts_ubuntu import ten_parts_ubuntu_raw
 
     image = ten_parts_ubuntu_raw().path
     outputs: dict[str, str] = {}
@@ -74,7 +75,7 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
 
         return common.timed(call)
 
-    variants = {
+    variants: dict[str, Callable[[], float]] = {
         "virt-inspector": lambda: timed_command("virt-inspector", virt_inspector_argv(image)),
         "vmcraft inspect --json": lambda: timed_command("vmcraft", vmcraft_argv(image)),
     }

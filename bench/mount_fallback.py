@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.mount_fallback [--quick]
 
 Builds N single-partition raw disks per filesystem state (5 each, 2 with --quick) in
-a temp directory with the sample builders' helpers (vmcraft_tasks.samples.imagebuild),
+a temp directory with the samples toolkit (vmcraft_tasks.samples.toolkit, .journals),
 each with its own UUID/serial and a little content of its own, then for every disk:
 sha256 of the file, a read-only attach (qemu-nbd --snapshot: a throw-away overlay),
 `mount_with_fallback(1, ...)`, a look at what the mount shows (the image's marker
@@ -50,12 +50,13 @@ from vmcraft_tasks.craft.mount.tracker import MountTracker
 from vmcraft_tasks.craft.nbd.fuse import FuseNbdBackend
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples import imagebuild as ib
+from vmcraft_tasks.samples import journals as jn
+from vmcraft_tasks.samples import toolkit as tk
 
 IMAGES = 5
 QUICK_IMAGES = 2
-EXT4_MIB = ib.EXT4_FS_MIB  # 32: what the dirty-journal helper makes
-XFS_MIB = ib.XFS_FS_MIB  # 300: mkfs.xfs refuses less
+EXT4_MIB = jn.EXT4_FS_MIB  # 32: what the dirty-journal helper makes
+XFS_MIB = jn.XFS_FS_MIB  # 300: mkfs.xfs refuses less
 NTFS_MIB = 16
 VFAT_MIB = 16
 MARKER = "/bench-id.txt"
@@ -120,14 +121,14 @@ def _content(key: str, n: int) -> tuple[dict[str, str | bytes], str]:
 
 def _populate(src: Path, key: str, n: int) -> str:
     files, marker = _content(key, n)
-    ib._write_tree(src, files, {})
+    tk.write_tree(src, files)
     return marker
 
 
 def _gpt_disk(out: Path, name: str, fs: Path, *, fs_mib: int, ids: tuple[int, int]) -> str:
     corpus, n = ids
     disk = out / f"{name}.raw"
-    ib._single_partition_gpt(disk, 0x100 * corpus + n, fs, fs_mib, name[:30])
+    tk.single_partition_gpt(disk, 0x100 * corpus + n, fs, fs_mib, name[:30])
     return str(disk)
 
 
@@ -137,7 +138,7 @@ def _dos_disk(
     corpus, n = ids
     disk = out / f"{name}.raw"
     disk_id = f"0xbe{corpus:02x}{n:04x}"
-    ib._assemble(disk, fs_mib + 2, "dos", disk_id, [ib._Part(fs_mib, ptype, fs, bootable=True)])
+    tk.assemble(disk, fs_mib + 2, "dos", disk_id, [tk.Part(fs_mib, ptype, fs, bootable=True)])
     return str(disk)
 
 
@@ -152,7 +153,7 @@ def _ext4_inode_offset(fs: Path, inode: int) -> int:
     block = re.search(r"located at block (\d+)", out)
     offset = re.search(r"offset (0x[0-9a-f]+)", out)
     if not block or not offset:
-        raise ib.ImageBuildError(f"debugfs imap gave no location: {out!r}")
+        raise tk.ImageBuildError(f"debugfs imap gave no location: {out!r}")
     return int(block.group(1)) * 4096 + int(offset.group(1), 16)
 
 
@@ -160,7 +161,7 @@ def _ext4_inode_of(fs: Path, path: str) -> int:
     out = commands.run(["debugfs", "-R", f"stat {path}", str(fs)], timeout=60).stdout
     found = re.search(r"Inode: (\d+)", out)
     if not found:
-        raise ib.ImageBuildError(f"debugfs found no inode for {path}: {out!r}")
+        raise tk.ImageBuildError(f"debugfs found no inode for {path}: {out!r}")
     return int(found.group(1))
 
 
@@ -171,7 +172,7 @@ def build_ext4_clean(out: Path, work: Path, corpus: int, n: int) -> Sample:
     src = work / "src"
     marker = _populate(src, "ext4-clean", n)
     fs = work / "fs.ext4"
-    ib._mkfs_ext4(fs, EXT4_MIB, f"clean{n}", _uuid(corpus, n), src)
+    tk.mkfs_ext4(fs, EXT4_MIB, f"clean{n}", _uuid(corpus, n), src)
     return Sample(
         _gpt_disk(out, f"ext4-clean-{n}", fs, fs_mib=EXT4_MIB, ids=(corpus, n)),
         "clean",
@@ -181,10 +182,9 @@ def build_ext4_clean(out: Path, work: Path, corpus: int, n: int) -> Sample:
 
 
 def _dirty_ext4(work: Path, key: str, corpus: int, n: int) -> tuple[Path, str]:
-    # The helper stages its tree in work/ext4-src: ours is added to it.
-    marker = _populate(work / "ext4-src", key, n)
+    files, marker = _content(key, n)
     fs = work / "fs.ext4"
-    ib._make_dirty_ext4(fs, f"{key[:10]}{n}", _uuid(corpus, n), work)
+    jn.make_dirty_ext4(fs, f"{key[:10]}{n}", _uuid(corpus, n), work, files)
     return fs, marker
 
 
@@ -196,7 +196,7 @@ def build_ext4_dirty(out: Path, work: Path, corpus: int, n: int) -> Sample:
 
 def build_ext4_journal_corrupt(out: Path, work: Path, corpus: int, n: int) -> Sample:
     fs, marker = _dirty_ext4(work, "ext4-jcorrupt", corpus, n)
-    blocks = ib._corrupt_ext4_journal(fs)
+    blocks = jn.corrupt_ext4_journal(fs)
     disk = _gpt_disk(out, f"ext4-journal-corrupt-{n}", fs, fs_mib=EXT4_MIB, ids=(corpus, n))
     return Sample(
         disk,
@@ -216,7 +216,7 @@ def build_ext4_scribbled(out: Path, work: Path, corpus: int, n: int) -> Sample:
     src = work / "src"
     marker = _populate(src, "ext4-scribbled", n)
     fs = work / "fs.ext4"
-    ib._mkfs_ext4(fs, EXT4_MIB, f"scribbled{n}", _uuid(corpus, n), src)
+    tk.mkfs_ext4(fs, EXT4_MIB, f"scribbled{n}", _uuid(corpus, n), src)
     if kind == "directory inode + error flag":
         offset = _ext4_inode_offset(fs, _ext4_inode_of(fs, "/data"))
         _scribble(fs, offset, 256)
@@ -236,7 +236,7 @@ def build_xfs_clean(out: Path, work: Path, corpus: int, n: int) -> Sample:
     src = work / "src"
     marker = _populate(src, "xfs-clean", n)
     fs = work / "fs.xfs"
-    ib._mkfs_xfs(fs, XFS_MIB, f"xclean{n}", _uuid(corpus, n), src)
+    tk.mkfs_xfs(fs, XFS_MIB, f"xclean{n}", _uuid(corpus, n), src)
     return Sample(
         _gpt_disk(out, f"xfs-clean-{n}", fs, fs_mib=XFS_MIB, ids=(corpus, n)),
         "clean",
@@ -246,9 +246,9 @@ def build_xfs_clean(out: Path, work: Path, corpus: int, n: int) -> Sample:
 
 
 def _dirty_xfs(work: Path, key: str, corpus: int, n: int) -> tuple[Path, str]:
-    marker = _populate(work / "xfs-src", key, n)
+    files, marker = _content(key, n)
     fs = work / "fs.xfs"
-    ib._make_dirty_xfs(fs, f"x{key[4:9]}{n}", _uuid(corpus, n), work)
+    jn.make_dirty_xfs(fs, f"x{key[4:9]}{n}", _uuid(corpus, n), work, files)
     return fs, marker
 
 
@@ -260,7 +260,7 @@ def build_xfs_dirty(out: Path, work: Path, corpus: int, n: int) -> Sample:
 
 def build_xfs_broken_log(out: Path, work: Path, corpus: int, n: int) -> Sample:
     fs, marker = _dirty_xfs(work, "xfs-brokenlog", corpus, n)
-    offset, length = ib._corrupt_xfs_log(fs)
+    offset, length = jn.corrupt_xfs_log(fs)
     disk = _gpt_disk(out, f"xfs-broken-log-{n}", fs, fs_mib=XFS_MIB, ids=(corpus, n))
     return Sample(
         disk,
@@ -276,7 +276,7 @@ def _ntfs_fs(work: Path, key: str, corpus: int, n: int) -> tuple[Path, str]:
     files, marker = _content(key, n)
     fs = work / "fs.ntfs"
     serial = f"BE{corpus:02X}{n:04X}00C0FFEE"
-    ib._mkfs_ntfs(
+    tk.mkfs_ntfs(
         fs, NTFS_MIB, f"Win{n}", serial=serial, hidden_sectors=2048, files=files, dirs=[], work=work
     )
     return fs, marker
@@ -301,7 +301,7 @@ def build_ntfs_dirty(out: Path, work: Path, corpus: int, n: int) -> Sample:
     commands.run(["ntfsfix", str(fs)], timeout=60)
     flags = _ntfs_flags(fs)
     if "DIRTY" not in flags:
-        raise ib.ImageBuildError(f"ntfsfix did not mark the volume dirty: {flags}")
+        raise tk.ImageBuildError(f"ntfsfix did not mark the volume dirty: {flags}")
     disk = _dos_disk(out, f"ntfs-dirty-{n}", fs, fs_mib=NTFS_MIB, ids=(corpus, n), ptype="7")
     return Sample(disk, "dirty flag (ntfsfix)", MARKER, marker, facts={"volume_flags": flags})
 
@@ -313,7 +313,7 @@ def _ntfs_logfile_offset(fs: Path) -> tuple[int, int]:
     inode = commands.run(["ntfsinfo", "-v", "-i", "2", str(fs)], timeout=60).stdout
     run = re.search(r"Runlist:.*\n\s*0x0\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+", inode)
     if not cluster or not run:
-        raise ib.ImageBuildError("could not locate $LogFile")
+        raise tk.ImageBuildError("could not locate $LogFile")
     size = int(cluster.group(1))
     return int(run.group(1), 16) * size, size
 
@@ -334,7 +334,7 @@ def build_vfat_clean(out: Path, work: Path, corpus: int, n: int) -> Sample:
     for j in range(1 + n % 3):
         files[f"/DATA/NOTES{j}.TXT"] = f"vfat {n} {j}\n" * (50 * (n + 1))
     fs = work / "fs.vfat"
-    ib._mkfs_vfat(fs, VFAT_MIB, f"FAT{n}", f"BE{corpus:02X}{n:04X}", files=files, fat=16)
+    tk.mkfs_vfat(fs, VFAT_MIB, f"FAT{n}", f"BE{corpus:02X}{n:04X}", files=files, fat=16)
     disk = _dos_disk(out, f"vfat-clean-{n}", fs, fs_mib=VFAT_MIB, ids=(corpus, n), ptype="e")
     return Sample(disk, "clean", VFAT_MARKER, marker)
 
@@ -424,7 +424,7 @@ def _read_text(path: str) -> str | None:
 
 
 def measure(sample: Sample, work_dir: str) -> dict[str, Any]:
-    before = ib.sha256_file(sample.path)
+    before = tk.sha256_file(sample.path)
     settings = CraftSettings(work_dir=work_dir, backend="fuse")
     record: dict[str, Any] = {"image": os.path.basename(sample.path), "variant": sample.variant}
     g = VMCraft(sample.path, settings=settings, cache=InProcessTTLCache(), backend=FuseNbdBackend())
@@ -448,9 +448,9 @@ def measure(sample: Sample, work_dir: str) -> dict[str, Any]:
         if result.ok:
             record["marker_ok"] = _read_text(mountpoint + sample.marker_path) == sample.marker_text
             if sample.has_unreplayed_file is not None:
-                record["post_crash_file_visible"] = os.path.exists(mountpoint + ib.AFTER_CRASH_PATH)
+                record["post_crash_file_visible"] = os.path.exists(mountpoint + jn.AFTER_CRASH_PATH)
             record["files_read"], record["read_errors"] = read_tree(mountpoint)
-    record["source_unchanged"] = ib.sha256_file(sample.path) == before
+    record["source_unchanged"] = tk.sha256_file(sample.path) == before
     return record
 
 
@@ -458,7 +458,7 @@ def partition_extent(image: str) -> tuple[int, int]:
     """(start, size) in bytes of partition 1 of a raw disk."""
     out = commands.run(["sfdisk", "-J", image], timeout=60).stdout
     first = json.loads(out)["partitiontable"]["partitions"][0]
-    return int(first["start"]) * ib.SECTOR, int(first["size"]) * ib.SECTOR
+    return int(first["start"]) * tk.SECTOR, int(first["size"]) * tk.SECTOR
 
 
 def control_readonly_device(sample: Sample, mountpoint: str) -> dict[str, Any]:
@@ -482,7 +482,7 @@ def control_readonly_device(sample: Sample, mountpoint: str) -> dict[str, Any]:
         record: dict[str, Any] = {"ok": result.ok, "strategy": result.strategy}
         record["stale_view"] = result.stale_view
         if result.ok and sample.has_unreplayed_file is not None:
-            record["post_crash_file_visible"] = os.path.exists(mountpoint + ib.AFTER_CRASH_PATH)
+            record["post_crash_file_visible"] = os.path.exists(mountpoint + jn.AFTER_CRASH_PATH)
         if not result.ok:
             record["error"] = result.error
         return record

@@ -3,7 +3,7 @@
     python -m bench.parallel_mounts [--quick]
 
 For GPT disks with 3, 5, 10 and 20 ext4 partitions (16 MiB each, one raw image per
-count, built once and cached next to the sample images) it alternates, round after
+count, built once and cached by the samples toolkit: recipes/gpt_ext4.py) it alternates, round after
 round (A B C D E A B C D E ...):
 
   (a) a sequential loop of `g.mount(dev, mp)`,
@@ -43,7 +43,8 @@ from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.embedded.fleet import Fleet
 from vmcraft_tasks.embedded.redis import RedisServer, redis_server
-from vmcraft_tasks.samples import imagebuild
+from vmcraft_tasks.samples.recipes.gpt_ext4 import gpt_ext4_raw
+from vmcraft_tasks.samples.toolkit import BuiltImage
 from worker import timeline
 
 COUNTS = (3, 5, 10, 20)
@@ -68,49 +69,10 @@ GUIDE_S = {3: (6.2, 3.1), 5: (10.5, 4.8), 10: (21.3, 8.7), 20: (42.1, 15.2)}
 
 # ------------------------------------------------------------------------- images
 
-# Bump when the builder below changes: the sample cache is keyed by imagebuild's own
-# sources only, so this name is what rebuilds a bench image.
-BUILDER_VERSION = "v1"
-IMAGE_ID_BASE = 0xB000  # GUIDs/UUIDs distinct from every sample image's
 
-
-def _gpt_ext4_builder(count: int, part_mib: int) -> imagebuild.Builder:
-    image_id = IMAGE_ID_BASE + count
-
-    def build(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
-        parts = []
-        for n in range(1, count + 1):
-            src = work / f"src{n:02d}"
-            imagebuild._write_tree(src, {"/id.txt": f"{n}\n"}, {})
-            fs = work / f"p{n:02d}.img"
-            uuid = imagebuild._fs_uuid(image_id, n)
-            imagebuild._mkfs_ext4(fs, part_mib, f"p{n:02d}", uuid, src)
-            partuuid = imagebuild._gpt_uuid(image_id, n)
-            parts.append(
-                imagebuild._Part(part_mib, imagebuild.GPT_LINUX_FS, fs, f"part{n:02d}", partuuid)
-            )
-        disk = out / f"gpt-{count}x{part_mib}mib-ext4.raw"
-        size_mib = count * part_mib + 2  # GPT headers at both ends
-        layout = imagebuild._assemble(
-            disk, size_mib, "gpt", imagebuild._gpt_uuid(image_id, 0), parts
-        )
-        notes = {
-            "table": "gpt",
-            "partition_count": count,
-            "part_mib": part_mib,
-            "fs_types": dict.fromkeys(range(1, count + 1), "ext4"),
-            "partitions": layout,
-            "builder": BUILDER_VERSION,
-        }
-        return disk.name, "raw", notes
-
-    return build
-
-
-def gpt_ext4_image(count: int, part_mib: int = PART_MIB) -> imagebuild.BuiltImage:
+def gpt_ext4_image(count: int, part_mib: int = PART_MIB) -> BuiltImage:
     """A raw GPT disk with `count` ext4 partitions of `part_mib` MiB, cached on disk."""
-    name = f"bench-gpt-ext4-{count}x{part_mib}mib-{BUILDER_VERSION}"
-    return imagebuild._cached(name, _gpt_ext4_builder(count, part_mib))
+    return gpt_ext4_raw(count, part_mib)
 
 
 # ------------------------------------------------------------------------- cleanup
@@ -229,7 +191,7 @@ def fleet_sample(
             "subtasks": subtasks,
         }
     )
-    return inspected - scanned
+    return float(inspected - scanned)
 
 
 def start_fleet(server: RedisServer, root: Path) -> tuple[Fleet, FleetClient]:
@@ -372,7 +334,7 @@ def _describe(slower: list[dict[str, Any]]) -> str:
 
 
 def _sum(samples: list[dict[str, Any]], key: str) -> float:
-    return sum(s[key] for s in samples)
+    return float(sum(s[key] for s in samples))
 
 
 def profile_table(

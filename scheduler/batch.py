@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.intake import load_for_run
-from scheduler.manifest import BatchPlan
 from scheduler.submit import FleetClient, NoHostOnlineError
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, keys
 from vmcraft_tasks.batches import BatchStore, dispatch, job_id_for
 from vmcraft_tasks.jobs import JobNotFoundError, JobRecord
 from vmcraft_tasks.migration import send_vm, vm_ended, write_summary_if_finished
+from vmcraft_tasks.models import BatchPlan
 
 # A VM whose steps recorded nothing for this long is marked stalled (failed).
 DEFAULT_STALL_S = 1800.0
@@ -214,7 +214,7 @@ def cancel_batch(client: FleetClient, batch: str) -> list[str]:
         if client.jobs.transition(job_id, jobs.CANCELLED, error="cancelled by request"):
             cancelled.append(vm_id)
             # Revoke the start message in case no worker took it yet.
-            attempts = client.state.hget(f"vmcraft:v1:batch:{batch}:attempts", vm_id)
+            attempts = client.state.hget(keys.batch_attempts_key(batch), vm_id)
             if attempts:
                 client.app.control.revoke(f"{job_id}-start-{int(attempts)}")
             # Its place in the batch is free now, whether or not it ever started.

@@ -10,6 +10,7 @@ vmcraft-tasks cancel BATCH              stop every VM that has not ended
 vmcraft-tasks resume BATCH              run again what did not finish
 vmcraft-tasks report BATCH              write the reports again and print the summary
 vmcraft-tasks inspect IMAGE [--json]    inspect one image on the fleet
+vmcraft-tasks schema manifest|report     the JSON Schema of the manifest or of a VM report
 
 Exit codes: 0 done; 1 the work ran and did not succeed (a VM failed, no host is
 online); 2 it could not be carried out: an invalid manifest or settings, a broker
@@ -43,6 +44,7 @@ from vmcraft_tasks.config import DEFAULT_REDIS, FleetSettings
 from vmcraft_tasks.craft.render import render_report
 from vmcraft_tasks.craft.textsafe import for_terminal
 from vmcraft_tasks.jobs import JobNotFoundError
+from vmcraft_tasks.models.schemas import SCHEMAS, schema_text
 from vmcraft_tasks.reports import render_markdown
 from vmcraft_tasks.urls import mask_urls_in
 
@@ -190,6 +192,11 @@ def cmd_report(client: FleetClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_text(args.document))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmcraft-tasks",
@@ -230,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("batch")
         if name in ("status", "report"):
             p.add_argument("--json", action="store_true")
+    p = add("schema", cmd_schema, "print the JSON Schema of the manifest or of a VM report")
+    p.add_argument("document", choices=sorted(SCHEMAS))
     return parser
 
 

@@ -6,7 +6,10 @@ import os
 
 import yaml
 
-from vmcraft_tasks.samples import bootable, imagebuild
+from vmcraft_tasks.samples import bootable
+from vmcraft_tasks.samples.recipes.corrupt_vmdk import corrupt_vmdk
+from vmcraft_tasks.samples.recipes.dirty_ext4 import dirty_ext4_raw
+from vmcraft_tasks.samples.recipes.windows_ntfs import windows_ntfs_raw
 
 
 def demo_manifest(directory: str) -> dict[str, object]:
@@ -16,9 +19,9 @@ def demo_manifest(directory: str) -> dict[str, object]:
     corrupt VMDK and a missing disk."""
     debian = bootable.bootable_debian_bios()
     legacy = bootable.bootable_debian_bios_modules_list()
-    windows = imagebuild.windows_ntfs_raw()
-    data = imagebuild.dirty_ext4_raw()
-    corrupt = imagebuild.corrupt_vmdk()
+    windows = windows_ntfs_raw()
+    data = dirty_ext4_raw()
+    corrupt = corrupt_vmdk()
     return {
         "batch": "demo",
         "defaults": {"options": {"memory_mib": 2048, "vcpus": 2}},

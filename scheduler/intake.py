@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from scheduler.manifest import BatchPlan, ManifestError, Problem, load_manifest
+from scheduler.manifest import ManifestError, Problem, load_manifest
+from vmcraft_tasks.models import BatchPlan
 
 _DISK_FIELD = re.compile(r"^vms\[\d+\]\.disks(\[\d+\])?$")
 # Problems that are about one image, not about the manifest: the VM fails, the batch runs.

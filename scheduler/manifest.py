@@ -4,6 +4,11 @@ A manifest is read once, on the submitting side, and turned into a BatchPlan. Th
 plan (not the YAML) is what travels to workers, so everything that can be wrong with
 a manifest is found here, before any VM of the batch starts, and every problem is
 reported at once: fixing a 200-VM wave one error per run would take all day.
+
+Its structure (keys, types, ranges, choices) is `vmcraft_tasks.models.manifest`,
+whose validation errors become Problems here, worded for the manifest's author; what
+needs the file system (disk images, image and output roots, reserved ids, where the
+summary goes) is checked here.
 """
 
 from __future__ import annotations
@@ -12,13 +17,27 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, cast
 
 import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from vmcraft_tasks.craft.errors import ImageError
 from vmcraft_tasks.craft.images import FORMAT_HINTS, SUPPORTED_FORMATS, ImageInfo, probe_image
+from vmcraft_tasks.models.manifest import (
+    ID_PATTERN,
+    OS_CHOICES,
+    TARGET_FORMATS,
+    VM,
+    Defaults,
+    Disk,
+    Limits,
+    Manifest,
+    Options,
+)
+from vmcraft_tasks.models.plan import BatchLimits, BatchPlan, DiskPlan, VMPlan
 from vmcraft_tasks.outfiles import (
     Confined,
     OutputPathError,
@@ -29,43 +48,26 @@ from vmcraft_tasks.outfiles import (
     within,
 )
 
+__all__ = [
+    "ID_PATTERN",
+    "OS_CHOICES",
+    "TARGET_FORMATS",
+    "BatchLimits",
+    "BatchPlan",
+    "DiskPlan",
+    "ManifestError",
+    "Problem",
+    "VMPlan",
+    "disk_target",
+    "load_manifest",
+    "parse_manifest",
+]
+
 Probe = Callable[[str], ImageInfo]
 
-# Ids become file names, libvirt domain names and Redis keys: keep them to a charset
-# that is safe in all three.
-ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-TARGET_FORMATS = ("qcow2", "raw")
-
-TOP_KEYS = ("batch", "defaults", "limits", "vms")
-LIMIT_KEYS = ("max_parallel", "max_per_host")
-VM_KEYS = ("id", "disks", "target_format", "output_dir", "options")
-DEFAULT_KEYS = ("target_format", "output_dir", "options")
-DISK_KEYS = ("path",)
-OPTION_KEYS = (
-    "os",
-    "fixes",
-    "dry_run",
-    "host",
-    "host_group",
-    "priority",
-    "memory_mib",
-    "vcpus",
-    "network",
-)
-# `os: none` declares a data-only VM (no operating system expected on its disks);
-# `auto` (the default) requires one to be found.
-OS_CHOICES = ("auto", "none")
 VM_DEFAULTS: Mapping[str, Any] = {
-    "target_format": "qcow2",
-    "os": "auto",
-    "fixes": True,
-    "dry_run": False,
-    "host": None,
-    "host_group": None,
-    "priority": 0,
-    "memory_mib": 2048,
-    "vcpus": 2,
-    "network": "default",
+    "target_format": VM.model_fields["target_format"].default,
+    **{name: info.default for name, info in Options.model_fields.items()},
 }
 _PLACEMENT = ("host", "host_group")
 _VM_PREFIX = re.compile(r"vms\[\d+\]")
@@ -130,141 +132,6 @@ class _Where:
 
     def problem(self, message: str) -> Problem:
         return Problem(self.vm, self.path, message)
-
-
-# --- the plan ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_parallel: int | None = None  # VMs of the batch in flight at once; None: no limit
-    max_per_host: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"max_parallel": self.max_parallel, "max_per_host": self.max_per_host}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BatchLimits:
-        return cls(max_parallel=data.get("max_parallel"), max_per_host=data.get("max_per_host"))
-
-
-@dataclass(frozen=True)
-class DiskPlan:
-    source: str  # absolute and symlink-free: the file the roots check approved
-    format: str
-    virtual_size: int  # 0 when the manifest was read with check_files=False
-    target: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "format": self.format,
-            "virtual_size": self.virtual_size,
-            "target": self.target,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DiskPlan:
-        return cls(
-            source=data["source"],
-            format=data["format"],
-            virtual_size=int(data["virtual_size"]),
-            target=data["target"],
-        )
-
-
-@dataclass(frozen=True)
-class VMPlan:
-    id: str
-    disks: tuple[DiskPlan, ...]
-    target_format: str
-    output_dir: str
-    os: str = "auto"
-    fixes: bool = True
-    dry_run: bool = False
-    host: str | None = None
-    host_group: tuple[str, ...] | None = None
-    priority: int = 0
-    memory_mib: int = 2048
-    vcpus: int = 2
-    network: str = "default"
-    # The output root (resolved) the client checked output_dir against; a worker without
-    # VMCRAFT_OUTPUT_ROOTS of its own checks every path it writes against this one.
-    output_root: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "disks": [d.to_dict() for d in self.disks],
-            "target_format": self.target_format,
-            "output_dir": self.output_dir,
-            "os": self.os,
-            "fixes": self.fixes,
-            "dry_run": self.dry_run,
-            "host": self.host,
-            "host_group": None if self.host_group is None else list(self.host_group),
-            "priority": self.priority,
-            "memory_mib": self.memory_mib,
-            "vcpus": self.vcpus,
-            "network": self.network,
-            "output_root": self.output_root,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VMPlan:
-        group = data.get("host_group")
-        return cls(
-            id=data["id"],
-            disks=tuple(DiskPlan.from_dict(d) for d in data["disks"]),
-            target_format=data["target_format"],
-            output_dir=data["output_dir"],
-            os=str(data.get("os", "auto")),
-            fixes=bool(data["fixes"]),
-            dry_run=bool(data["dry_run"]),
-            host=data.get("host"),
-            host_group=None if group is None else tuple(group),
-            priority=int(data["priority"]),
-            memory_mib=int(data["memory_mib"]),
-            vcpus=int(data["vcpus"]),
-            network=data["network"],
-            output_root=data.get("output_root"),
-        )
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    batch: str
-    manifest_path: str | None
-    limits: BatchLimits
-    vms: tuple[VMPlan, ...]
-    # The one folder the batch summary goes to, and the output root it was checked under.
-    summary_dir: str | None = None
-    summary_root: str | None = None
-
-    def vms_by_priority(self) -> tuple[VMPlan, ...]:
-        """Higher priority first; equal priorities keep manifest order (sorted is stable)."""
-        return tuple(sorted(self.vms, key=lambda vm: -vm.priority))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "manifest_path": self.manifest_path,
-            "limits": self.limits.to_dict(),
-            "vms": [vm.to_dict() for vm in self.vms],
-            "summary_dir": self.summary_dir,
-            "summary_root": self.summary_root,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BatchPlan:
-        return cls(
-            batch=data["batch"],
-            manifest_path=data.get("manifest_path"),
-            limits=BatchLimits.from_dict(data.get("limits") or {}),
-            vms=tuple(VMPlan.from_dict(vm) for vm in data["vms"]),
-            summary_dir=data.get("summary_dir"),
-            summary_root=data.get("summary_root"),
-        )
 
 
 # --- reading files ----------------------------------------------------------------
@@ -390,10 +257,165 @@ def load_manifest(
         check_files=check_files,
         probe=probe,
     )
-    return replace(plan, manifest_path=path)
+    return plan.model_copy(update={"manifest_path": path})
 
 
-# --- checking values --------------------------------------------------------------
+# --- structure: the models' validation errors, worded for the manifest's author --------
+
+
+# What a list, or an entry of one, is, by the key that holds it.
+_LISTS = {
+    "vms": ("a list of VMs", "must list at least one VM"),
+    "disks": ("a list of disks", "must list at least one disk"),
+    "host_group": ("a list of host ids", "must list at least one host (leave it out to use any)"),
+}
+_ENTRIES = {"vms": "a mapping with id and disks", "disks": "a path or a mapping with path"}
+_CHOICES = {
+    "target_format": f"unsupported target format {{!r}} (supported: {', '.join(TARGET_FORMATS)})",
+    "os": f"must be one of {', '.join(OS_CHOICES)} (none: a data-only VM), not {{!r}}",
+}
+# The section whose keys an unknown key's problem lists, by the key that holds it.
+_SECTIONS: Mapping[str | None, type[BaseModel]] = {
+    None: Manifest,
+    "limits": Limits,
+    "defaults": Defaults,
+    "options": Options,
+    "vms": VM,
+    "disks": Disk,
+}
+# The order in which problems of one section are reported (unknown keys first; the
+# placement last, as it is checked against the rest; a VM's output folder before its
+# disks, which are probed last).
+_ORDER = {
+    name: n
+    for names in (
+        "batch limits defaults vms",
+        "id target_format output_dir options _folder disks",
+        "os fixes dry_run priority memory_mib vcpus network host host_group",
+        "max_parallel max_per_host",
+    )
+    for n, name in enumerate(names.split())
+}
+_KEY_ERRORS = ("extra_forbidden", "invalid_key")
+_AFTER = 99  # ranks a check of the file system after the structure of the same entry
+
+Loc = tuple[int | str, ...]
+
+
+class _Found(NamedTuple):
+    rank: tuple[int, ...]
+    loc: Loc
+    problem: Problem
+
+
+def _structure(data: Mapping[Any, Any]) -> list[_Found]:
+    """Every structural problem of the manifest, in the order they are reported."""
+    try:
+        Manifest.model_validate(data)
+    except ValidationError as exc:
+        found = [_found(error, data) for error in exc.errors()]
+        return sorted(found, key=lambda f: f.rank)
+    return []
+
+
+def _found(error: ErrorDetails, data: Mapping[Any, Any]) -> _Found:
+    loc = error["loc"]
+    key_error = error["type"] in _KEY_ERRORS
+    # A problem of a whole entry (host and host_group together) follows those of its keys.
+    rank = (
+        *(
+            -1
+            if key_error and n == len(loc) - 1
+            else p
+            if isinstance(p, int)
+            else _ORDER.get(p, -1)
+            for n, p in enumerate(loc)
+        ),
+        _AFTER,
+    )
+    holders = [p for p in (loc[:-1] if key_error else loc) if isinstance(p, str)]
+    message = _message(error, holders[-1] if holders else None)
+    return _Found(rank, loc, _where(loc, data, key_error=key_error).problem(message))
+
+
+def _where(loc: Loc, data: Mapping[Any, Any], *, key_error: bool) -> _Where:
+    where, node = _Where(None, ""), cast(object, data)
+    for n, part in enumerate(loc):
+        if isinstance(node, str):
+            break  # a disk written as its path: its problems are the disk's
+        if isinstance(part, int) and not (key_error and n == len(loc) - 1):
+            where = where.item(part)
+        else:
+            where = where.key(str(part))
+        node = node.get(part) if isinstance(node, Mapping) else _item(node, part)
+        if n == 1 and loc[0] == "vms":
+            where = _Where(_label_of(node), where.path)
+    return where
+
+
+def _item(node: object, part: int | str) -> object:
+    ok = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+    return node[part] if ok else None  # type: ignore[index]
+
+
+def _label_of(vm: object) -> str | None:
+    label = vm.get("id") if isinstance(vm, Mapping) else None
+    return label if isinstance(label, str) and label else None
+
+
+def _message(error: ErrorDetails, holder: str | None) -> str:
+    kind, value, loc = error["type"], error.get("input"), error["loc"]
+    got = _kind(value)
+    if kind in _KEY_ERRORS:
+        allowed = list(_SECTIONS[holder].model_fields)
+        message = f"unknown key {loc[-1]!r} (allowed: {', '.join(allowed)})"
+        if "options" in allowed and loc[-1] in Options.model_fields:
+            message += f"; {loc[-1]} belongs under options"
+        return message
+    if holder == "vms" and (kind == "missing" or (kind == "list_type" and value is None)):
+        return "required: list the VMs of the batch"
+    if kind == "literal_error" and isinstance(value, str) and value and holder in _CHOICES:
+        return _CHOICES[holder].format(value)
+    if kind in {"string_too_short", "literal_error"} and value == "":
+        return "must not be empty"
+    messages = {
+        "missing": "required",
+        "string_pattern_mismatch": f"invalid id {value!r}: use 1 to 64 of A-Z a-z 0-9 . _ -",
+        "id_dots": f"invalid id {value!r}: cannot be only dots",
+        "int_type": f"expected an integer, got {got}",
+        "bool_type": f"expected true or false, got {got}",
+        "greater_than_equal": f"must be at least {error.get('ctx', {}).get('ge')}, got {value}",
+    }
+    if kind in messages:
+        return messages[kind]
+    if kind in {"string_type", "literal_error"}:
+        # YAML reads `off`, `2024-01-05` or `0123` as non-strings; quoting is the fix.
+        hint = "" if value is None or isinstance(value, Mapping | list) else " (quote it)"
+        return f"expected a string, got {got}{hint}"
+    if kind in {"list_type", "too_short"} and holder in _LISTS:
+        noun, empty = _LISTS[holder]
+        return f"expected {noun}, got {got}" if kind == "list_type" else empty
+    if kind in {"model_type", "dict_type", "model_attributes_type"}:
+        entry = _ENTRIES.get(holder or "") if isinstance(loc[-1], int) else None
+        return f"expected {entry or 'a mapping'}, got {got}"
+    return error["msg"]
+
+
+def _bad(found: Sequence[_Found], *prefix: int | str) -> set[int | str]:
+    """The keys (or indexes) under `prefix` that have a structural problem."""
+    n = len(prefix)
+    return {f.loc[n] for f in found if len(f.loc) > n and f.loc[:n] == prefix}
+
+
+def _settings(raw: Mapping[Any, Any], bad: set[int | str], base_dir: str) -> dict[str, Any]:
+    """The VM settings that `raw` (a VM or the defaults) sets validly, options flattened in."""
+    found = {key: raw[key] for key in ("target_format", "output_dir") if key in raw}
+    found = {key: value for key, value in found.items() if key not in bad}
+    if "output_dir" in found:
+        found["output_dir"] = os.path.normpath(os.path.join(base_dir, found["output_dir"]))
+    if "options" not in bad:
+        found.update(raw.get("options") or {})
+    return found
 
 
 def _kind(value: object) -> str:
@@ -419,186 +441,6 @@ def _not_a_mapping(data: object) -> Problem:
     return Problem(
         None, "", f"the manifest must be a mapping with batch and vms, got {_kind(data)}"
     )
-
-
-def _check_keys(
-    raw: Mapping[Any, Any], allowed: Sequence[str], where: _Where, problems: list[Problem]
-) -> None:
-    for key in raw:
-        if key in allowed:
-            continue
-        message = f"unknown key {key!r} (allowed: {', '.join(allowed)})"
-        if "options" in allowed and key in OPTION_KEYS:
-            message += f"; {key} belongs under options"
-        problems.append(where.key(str(key)).problem(message))
-
-
-def _string(value: object, where: _Where, problems: list[Problem]) -> str | None:
-    if isinstance(value, str):
-        if value:
-            return value
-        problems.append(where.problem("must not be empty"))
-        return None
-    # YAML reads `off`, `2024-01-05` or `0123` as non-strings; quoting is the fix.
-    hint = "" if value is None or isinstance(value, Mapping | list) else " (quote it)"
-    problems.append(where.problem(f"expected a string, got {_kind(value)}{hint}"))
-    return None
-
-
-def _integer(
-    value: object, where: _Where, problems: list[Problem], *, minimum: int | None = None
-) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(where.problem(f"expected an integer, got {_kind(value)}"))
-        return None
-    if minimum is not None and value < minimum:
-        problems.append(where.problem(f"must be at least {minimum}, got {value}"))
-        return None
-    return value
-
-
-def _boolean(value: object, where: _Where, problems: list[Problem]) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    problems.append(where.problem(f"expected true or false, got {_kind(value)}"))
-    return None
-
-
-def _section(value: object, where: _Where, problems: list[Problem]) -> Mapping[Any, Any]:
-    """An optional mapping; an empty `options:` (null in YAML) counts as empty."""
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return value
-    problems.append(where.problem(f"expected a mapping, got {_kind(value)}"))
-    return {}
-
-
-def _identifier(
-    raw: Mapping[Any, Any], key: str, where: _Where, problems: list[Problem]
-) -> str | None:
-    here = where.key(key)
-    if key not in raw:
-        problems.append(here.problem("required"))
-        return None
-    value = _string(raw[key], here, problems)
-    if value is None:
-        return None
-    if not ID_PATTERN.fullmatch(value):
-        problems.append(here.problem(f"invalid id {value!r}: use 1 to 64 of A-Z a-z 0-9 . _ -"))
-        return None
-    if set(value) == {"."}:
-        # The batch id names the default output directory: ".." would climb out of it.
-        problems.append(here.problem(f"invalid id {value!r}: cannot be only dots"))
-        return None
-    return value
-
-
-def _vm_identifier(raw: Mapping[Any, Any], where: _Where, problems: list[Problem]) -> str | None:
-    """A VM id, which also names its files: it must not take a name the tool uses."""
-    vm_id = _identifier(raw, "id", where, problems)
-    if vm_id is None:
-        return None
-    reserved = vm_id_problem(vm_id)
-    if reserved:
-        problems.append(where.key("id").problem(f"reserved id: {reserved}"))
-        return None
-    return vm_id
-
-
-# --- sections ---------------------------------------------------------------------
-
-
-def _parse_limits(value: object, where: _Where, problems: list[Problem]) -> BatchLimits:
-    raw = _section(value, where, problems)
-    _check_keys(raw, LIMIT_KEYS, where, problems)
-    found: dict[str, int | None] = {}
-    for key in LIMIT_KEYS:
-        if raw.get(key) is not None:
-            found[key] = _integer(raw[key], where.key(key), problems, minimum=1)
-    return BatchLimits(**found)
-
-
-def _parse_options(value: object, where: _Where, problems: list[Problem]) -> dict[str, Any]:
-    raw = _section(value, where, problems)
-    _check_keys(raw, OPTION_KEYS, where, problems)
-    found: dict[str, Any] = {}
-
-    def keep(key: str, checked: object) -> None:
-        if checked is not None:
-            found[key] = checked
-
-    if "os" in raw:
-        choice = _string(raw["os"], where.key("os"), problems)
-        if choice is not None and choice not in OS_CHOICES:
-            problems.append(
-                where.key("os").problem(
-                    f"must be one of {', '.join(OS_CHOICES)} (none: a data-only VM), not {choice!r}"
-                )
-            )
-        else:
-            keep("os", choice)
-    for key in ("fixes", "dry_run"):
-        if key in raw:
-            keep(key, _boolean(raw[key], where.key(key), problems))
-    if "priority" in raw:
-        keep("priority", _integer(raw["priority"], where.key("priority"), problems))
-    for key in ("memory_mib", "vcpus"):
-        if key in raw:
-            keep(key, _integer(raw[key], where.key(key), problems, minimum=1))
-    if "network" in raw:
-        keep("network", _string(raw["network"], where.key("network"), problems))
-    # An explicit null placement is kept: it un-pins a VM the defaults would pin.
-    if "host" in raw:
-        found["host"] = None
-        if raw["host"] is not None:
-            keep("host", _string(raw["host"], where.key("host"), problems))
-    if "host_group" in raw:
-        found["host_group"] = None
-        if raw["host_group"] is not None:
-            keep("host_group", _host_group(raw["host_group"], where.key("host_group"), problems))
-    if raw.get("host") is not None and raw.get("host_group") is not None:
-        problems.append(
-            where.problem("host and host_group are mutually exclusive: pin to one or the other")
-        )
-    return found
-
-
-def _host_group(value: object, where: _Where, problems: list[Problem]) -> tuple[str, ...] | None:
-    if not isinstance(value, list):
-        problems.append(where.problem(f"expected a list of host ids, got {_kind(value)}"))
-        return None
-    if not value:
-        problems.append(where.problem("must list at least one host (leave it out to use any)"))
-        return None
-    hosts = [_string(h, where.item(i), problems) for i, h in enumerate(value)]
-    checked = tuple(h for h in hosts if h is not None)
-    return checked if len(checked) == len(hosts) else None
-
-
-def _parse_settings(
-    raw: Mapping[Any, Any], where: _Where, base_dir: str, problems: list[Problem]
-) -> dict[str, Any]:
-    """The VM fields `raw` sets (and that are valid), options flattened in."""
-    found: dict[str, Any] = {}
-    if "target_format" in raw:
-        here = where.key("target_format")
-        fmt = _string(raw["target_format"], here, problems)
-        if fmt is not None and fmt not in TARGET_FORMATS:
-            problems.append(
-                here.problem(
-                    f"unsupported target format {fmt!r} (supported: {', '.join(TARGET_FORMATS)})"
-                )
-            )
-        elif fmt is not None:
-            found["target_format"] = fmt
-    if "output_dir" in raw:
-        out = _string(raw["output_dir"], where.key("output_dir"), problems)
-        if out is not None:
-            found["output_dir"] = os.path.normpath(os.path.join(base_dir, out))
-    if "options" in raw:
-        found.update(_parse_options(raw["options"], where.key("options"), problems))
-    return found
 
 
 def _merge(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
@@ -628,77 +470,141 @@ def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(os.path.commonpath([path, root]) == root for root in roots)
 
 
-def _parse_disk(
-    item: object, where: _Where, ctx: _Context, problems: list[Problem]
-) -> tuple[str, str, int] | None:
-    """(source, format, virtual size) of one `disks` entry."""
-    value_where = where
-    if isinstance(item, Mapping):
-        _check_keys(item, DISK_KEYS, where, problems)
-        if "path" not in item:
-            problems.append(where.key("path").problem("required"))
-            return None
-        item, value_where = item["path"], where.key("path")
-    elif not isinstance(item, str):
-        problems.append(where.problem(f"expected a path or a mapping with path, got {_kind(item)}"))
-        return None
-    path = _string(item, value_where, problems)
-    if path is None:
-        return None
+def _check_disk(path: str, where: _Where, ctx: _Context) -> tuple[str, str, int] | Problem:
+    """(source, format, virtual size) of one disk whose entry is valid, or its problem."""
     given = os.path.normpath(os.path.join(ctx.base_dir, path))
     # The real path is what is checked and kept, so a symlink cannot lead outside
     # the roots, nor be swapped for another file between this check and the conversion.
     source = os.path.realpath(given)
     if ctx.roots and not _inside(source, ctx.roots):
         shown = path if source == given else f"{path} (resolves to {source})"
-        problems.append(
-            where.problem(f"{shown}: outside the allowed image roots ({', '.join(ctx.roots)})")
-        )
-        return None
+        return where.problem(f"{shown}: outside the allowed image roots ({', '.join(ctx.roots)})")
     if not ctx.check_files:
         return source, FORMAT_HINTS.get(os.path.splitext(source)[1].lower(), "raw"), 0
     try:
         info = ctx.probe(source)
     except ImageError as exc:
-        problems.append(where.problem(str(exc)))
-        return None
+        return where.problem(str(exc))
     if info.format not in SUPPORTED_FORMATS:
-        problems.append(where.problem(f"{source}: unsupported image format {info.format!r}"))
-        return None
+        return where.problem(f"{source}: unsupported image format {info.format!r}")
     return source, info.format, info.virtual_size
 
 
-def _parse_disks(
-    raw: Mapping[Any, Any], where: _Where, ctx: _Context, problems: list[Problem]
+def _check_disks(
+    items: Sequence[Any],
+    where: _Where,
+    bad: set[int | str],
+    ctx: _Context,
+    problems: list[tuple[tuple[int, ...], Problem]],
 ) -> list[tuple[str, str, int]] | None:
-    here = where.key("disks")
-    if "disks" not in raw:
-        problems.append(here.problem("required"))
-        return None
-    value = raw["disks"]
-    if not isinstance(value, list):
-        problems.append(here.problem(f"expected a list of disks, got {_kind(value)}"))
-        return None
-    if not value:
-        problems.append(here.problem("must list at least one disk"))
-        return None
     disks: list[tuple[str, str, int]] = []
     first_index: dict[str, int] = {}
-    ok = True
-    for index, item in enumerate(value):
-        disk = _parse_disk(item, here.item(index), ctx, problems)
-        if disk is None:
-            ok = False
+    for index, item in enumerate(items):
+        if index in bad:
             continue
-        if disk[0] in first_index:
-            problems.append(
-                here.item(index).problem(f"{disk[0]}: same disk as disks[{first_index[disk[0]]}]")
-            )
-            ok = False
+        here = where.item(index)
+        disk = _check_disk(item if isinstance(item, str) else item["path"], here, ctx)
+        if not isinstance(disk, Problem) and disk[0] in first_index:
+            disk = here.problem(f"{disk[0]}: same disk as disks[{first_index[disk[0]]}]")
+        if isinstance(disk, Problem):
+            problems.append(((_ORDER["disks"], index, _AFTER), disk))
+            bad = bad | {index}
             continue
         first_index[disk[0]] = index
         disks.append(disk)
-    return disks if ok else None
+    return None if bad else disks
+
+
+def _parse_vm(
+    raw: object,
+    where: _Where,
+    found: Sequence[_Found],
+    defaults: Mapping[str, Any],
+    ctx: _Context,
+) -> tuple[VMPlan | None, list[Problem]]:
+    """The VM's plan (None if it cannot have one) and its problems, structural ones
+    (`found`, located in the VM) and those of its id, output folder and disks."""
+    problems = [(f.rank, f.problem) for f in found]
+    if not isinstance(raw, Mapping):
+        return None, [p for _, p in problems]
+    where = _Where(_label_of(raw), where.path)
+    bad = _bad(found)
+    vm_id = None if "id" in bad else str(raw["id"])
+    reserved = vm_id_problem(vm_id) if vm_id else None
+    if reserved:
+        problems.append(
+            ((_ORDER["id"], _AFTER), where.key("id").problem(f"reserved id: {reserved}"))
+        )
+        vm_id = None
+    settings = {
+        **VM_DEFAULTS,
+        "output_dir": ctx.default_output_dir,
+        **_merge(defaults, _settings(raw, bad, ctx.base_dir)),
+    }
+    folder_problems: list[Problem] = []
+    origin = _output_origin(raw, defaults, where)
+    folder = _output_folder(settings["output_dir"], origin, ctx, folder_problems)
+    problems += [((_ORDER["_folder"],), p) for p in folder_problems]
+    disks = None
+    if "disks" in raw and not any(f.loc == ("disks",) for f in found):
+        # A disk whose path is valid is checked even when its entry has an unknown key.
+        bad_paths = {
+            f.loc[1] for f in found if f.loc[:1] == ("disks",) and f.loc[2:] in {(), ("path",)}
+        }
+        disks = _check_disks(raw["disks"], where.key("disks"), bad_paths, ctx, problems)
+    problems.sort(key=lambda rp: rp[0])
+    if vm_id is None or disks is None or folder is None:
+        return None, [p for _, p in problems]
+    return VMPlan(
+        id=vm_id,
+        disks=tuple(
+            DiskPlan(
+                source=source,
+                format=fmt,
+                virtual_size=size,
+                target=disk_target(folder.path, vm_id, n, settings["target_format"]),
+            )
+            for n, (source, fmt, size) in enumerate(disks)
+        ),
+        # The folder is kept symlink-free, as the worker will check it.
+        **{**settings, "output_dir": folder.path},
+        output_root=folder.root,
+    ), [p for _, p in problems]
+
+
+def _parse_vms(
+    data: Mapping[Any, Any],
+    found: Sequence[_Found],
+    defaults: Mapping[str, Any],
+    ctx: _Context,
+    problems: list[Problem],
+) -> tuple[VMPlan, ...]:
+    value = data.get("vms")
+    where = _Where(None, "vms")
+    plans: list[tuple[int, VMPlan]] = []
+    first_index: dict[str, int] = {}
+    for index, raw in enumerate(value if isinstance(value, list) else []):
+        own = [
+            f._replace(rank=f.rank[2:], loc=f.loc[2:]) for f in found if f.loc[:2] == ("vms", index)
+        ]
+        plan, vm_problems = _parse_vm(raw, where.item(index), own, defaults, ctx)
+        problems += vm_problems
+        # Judged on the raw id, so a duplicate is reported even when the VM has other faults.
+        vm_id = raw.get("id") if isinstance(raw, Mapping) else None
+        if isinstance(vm_id, str) and ID_PATTERN.fullmatch(vm_id):
+            if vm_id in first_index:
+                problems.append(
+                    _Where(vm_id, where.item(index).key("id").path).problem(
+                        f"duplicate id {vm_id!r} (first used by vms[{first_index[vm_id]}])"
+                    )
+                )
+                continue
+            first_index[vm_id] = index
+        if plan is not None:
+            plans.append((index, plan))
+    _check_targets(plans, where, problems)
+    _check_output_names(plans, where, problems)
+    return tuple(plan for _, plan in plans)
 
 
 def disk_target(output_dir: str, vm_id: str, index: int, target_format: str) -> str:
@@ -733,96 +639,6 @@ def _output_origin(own: Mapping[Any, Any], defaults: Mapping[str, Any], where: _
     if "output_dir" in defaults:
         return _Where(None, "defaults.output_dir")
     return _Where(None, "")
-
-
-def _parse_vm(
-    raw: object,
-    where: _Where,
-    defaults: Mapping[str, Any],
-    ctx: _Context,
-    problems: list[Problem],
-) -> VMPlan | None:
-    if not isinstance(raw, Mapping):
-        problems.append(where.problem(f"expected a mapping with id and disks, got {_kind(raw)}"))
-        return None
-    label = raw.get("id")
-    where = _Where(label if isinstance(label, str) and label else None, where.path)
-    _check_keys(raw, VM_KEYS, where, problems)
-    vm_id = _vm_identifier(raw, where, problems)
-    settings = {
-        **VM_DEFAULTS,
-        "output_dir": ctx.default_output_dir,
-        **_merge(defaults, _parse_settings(raw, where, ctx.base_dir, problems)),
-    }
-    folder = _output_folder(
-        settings["output_dir"], _output_origin(raw, defaults, where), ctx, problems
-    )
-    disks = _parse_disks(raw, where, ctx, problems)
-    if vm_id is None or disks is None or folder is None:
-        return None
-    settings["output_dir"] = folder.path  # symlink-free, as the worker will check it
-    return VMPlan(
-        id=vm_id,
-        disks=tuple(
-            DiskPlan(
-                source=source,
-                format=fmt,
-                virtual_size=size,
-                target=disk_target(settings["output_dir"], vm_id, n, settings["target_format"]),
-            )
-            for n, (source, fmt, size) in enumerate(disks)
-        ),
-        target_format=settings["target_format"],
-        output_dir=settings["output_dir"],
-        os=settings["os"],
-        fixes=settings["fixes"],
-        dry_run=settings["dry_run"],
-        host=settings["host"],
-        host_group=settings["host_group"],
-        priority=settings["priority"],
-        memory_mib=settings["memory_mib"],
-        vcpus=settings["vcpus"],
-        network=settings["network"],
-        output_root=folder.root,
-    )
-
-
-def _parse_vms(
-    value: object,
-    where: _Where,
-    defaults: Mapping[str, Any],
-    ctx: _Context,
-    problems: list[Problem],
-) -> tuple[VMPlan, ...]:
-    if value is None:
-        problems.append(where.problem("required: list the VMs of the batch"))
-        return ()
-    if not isinstance(value, list):
-        problems.append(where.problem(f"expected a list of VMs, got {_kind(value)}"))
-        return ()
-    if not value:
-        problems.append(where.problem("must list at least one VM"))
-        return ()
-    plans: list[tuple[int, VMPlan]] = []
-    first_index: dict[str, int] = {}
-    for index, raw in enumerate(value):
-        plan = _parse_vm(raw, where.item(index), defaults, ctx, problems)
-        # Judged on the raw id, so a duplicate is reported even when the VM has other faults.
-        vm_id = raw.get("id") if isinstance(raw, Mapping) else None
-        if isinstance(vm_id, str) and ID_PATTERN.fullmatch(vm_id):
-            if vm_id in first_index:
-                problems.append(
-                    _Where(vm_id, where.item(index).key("id").path).problem(
-                        f"duplicate id {vm_id!r} (first used by vms[{first_index[vm_id]}])"
-                    )
-                )
-                continue
-            first_index[vm_id] = index
-        if plan is not None:
-            plans.append((index, plan))
-    _check_targets(plans, where, problems)
-    _check_output_names(plans, where, problems)
-    return tuple(plan for _, plan in plans)
 
 
 def _check_output_names(
@@ -878,16 +694,15 @@ def parse_manifest(
     """
     if not isinstance(data, Mapping):
         raise ManifestError([_not_a_mapping(data)])
-    problems: list[Problem] = []
-    top = _Where(None, "")
     base_dir = os.path.abspath(base_dir)
-    _check_keys(data, TOP_KEYS, top, problems)
-    batch = _identifier(data, "batch", top, problems)
-    limits = _parse_limits(data.get("limits"), top.key("limits"), problems)
-    defaults_where = top.key("defaults")
-    raw_defaults = _section(data.get("defaults"), defaults_where, problems)
-    _check_keys(raw_defaults, DEFAULT_KEYS, defaults_where, problems)
-    defaults = _parse_settings(raw_defaults, defaults_where, base_dir, problems)
+    found = _structure(data)
+    problems = [f.problem for f in found if f.loc[:1] != ("vms",) or len(f.loc) == 1]
+    top = _bad(found)
+    batch = None if "batch" in top else str(data["batch"])
+    limits = BatchLimits() if "limits" in top else BatchLimits(**(data.get("limits") or {}))
+    # Defaults with a fault inside still apply, so their output folder is checked.
+    raw_defaults = {} if any(f.loc == ("defaults",) for f in found) else data.get("defaults") or {}
+    defaults = _settings(raw_defaults, _bad(found, "defaults"), base_dir)
     out_roots = tuple(output_roots) or (base_dir,)
     # With no valid batch id the manifest is refused anyway; any name keeps going.
     name = batch or "batch"
@@ -899,7 +714,7 @@ def parse_manifest(
         default_output_dir=_default_output_dir(base_dir, name, out_roots),
         output_roots=out_roots,
     )
-    vms = _parse_vms(data.get("vms"), top.key("vms"), defaults, ctx, problems)
+    vms = _parse_vms(data, found, defaults, ctx, problems)
     summary = _summary_folder(vms, name, ctx, problems)
     if problems or batch is None or summary is None:
         raise ManifestError(problems)

@@ -101,7 +101,7 @@ class FleetClient:
     def __post_init__(self) -> None:
         from vmcraft_tasks.celery_app import create_app
 
-        self.state = redis.Redis.from_url(self.settings.broker_url)
+        self.state = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
         self.jobs = JobStore(self.state)
         # A client app bound to these settings, whatever the process environment says.
         self.app = create_app(self.settings)

@@ -17,44 +17,25 @@ from typing import Any
 
 import redis
 
-BATCH_PREFIX = "vmcraft:v1:batch:"
-BATCHES_INDEX = "vmcraft:v1:batches"
-BATCH_TTL_S = 30 * 24 * 3600
+from vmcraft_tasks import keys, luascripts
+
+BATCH_TTL_S = keys.BATCH_TTL_S
 UNLIMITED = 0
 
-# KEYS: pending zset, inflight counter, meta hash. ARGV: none.
-# Pops the best waiting VM if the batch has room; returns its id or nil.
-_CLAIM = """
-local limit = tonumber(redis.call('HGET', KEYS[3], 'max_parallel') or '0')
-local inflight = tonumber(redis.call('GET', KEYS[2]) or '0')
-if limit > 0 and inflight >= limit then
-  return false
-end
-local popped = redis.call('ZPOPMAX', KEYS[1])
-if #popped == 0 then
-  return false
-end
-redis.call('INCR', KEYS[2])
-return popped[1]
-"""
-
-# KEYS: ended set, inflight counter. ARGV: vm id. Returns 1 the first time only.
-_END = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  local left = redis.call('DECR', KEYS[2])
-  if left < 0 then redis.call('SET', KEYS[2], 0) end
-  return 1
-end
-return 0
-"""
+# Keys `create` replaces; the attempts hash stays (task ids stay unique when a batch
+# of the same name is submitted again) and only has its TTL refreshed.
+_REPLACED = (
+    keys.batch_meta_key,
+    keys.batch_pending_key,
+    keys.batch_inflight_key,
+    keys.batch_ended_key,
+    keys.batch_vms_key,
+    keys.batch_hosts_key,
+)
 
 
 def job_id_for(batch: str, vm_id: str) -> str:
     return f"{batch}.{vm_id}"
-
-
-def _k(batch: str, part: str) -> str:
-    return f"{BATCH_PREFIX}{batch}:{part}"
 
 
 def priority_score(priority: int, index: int) -> float:
@@ -71,29 +52,55 @@ class BatchCounts:
 
 
 class BatchStore:
+    """A batch's keys (`vmcraft_tasks.keys`, all tagged by the batch name).
+
+    Every write refreshes the TTL of all the batch's keys, so they expire together,
+    `BATCH_TTL_S` after the batch was last written. The batches index has no TTL:
+    `create` trims the entries older than `BATCH_TTL_S` (their batches are gone).
+    Expects a client with `decode_responses=True`.
+    """
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._claim = client.register_script(_CLAIM)
-        self._end = client.register_script(_END)
+        self._claim = luascripts.register(client, "batch_claim")
+        self._end = luascripts.register(client, "batch_end")
+        self._take_place = luascripts.register(client, "batch_take_host_place")
+
+    @staticmethod
+    def _touch(pipe: Any, batch: str) -> None:
+        for key in keys.batch_keys(batch):
+            pipe.expire(key, BATCH_TTL_S)
 
     def create(self, batch: str, plan: dict[str, Any], *, max_parallel: int | None) -> None:
         """Record a batch and queue all its VMs as waiting (replaces an older record)."""
-        pipe = self.client.pipeline()
-        for part in ("meta", "pending", "inflight", "ended", "vms"):
-            pipe.delete(_k(batch, part))
+        # Per-host place sets of an older batch of this name (read first: their names
+        # are only known from the hosts set).
+        old_hosts: set[str] = self.client.smembers(keys.batch_hosts_key(batch))  # type: ignore[assignment]
+        now = time.time()
+        pipe = self.client.pipeline()  # MULTI: one slot, every key tagged by the batch
+        for key_of in _REPLACED:
+            pipe.delete(key_of(batch))
+        for host in sorted(old_hosts):
+            pipe.delete(keys.batch_host_key(batch, host))
         meta: dict[Any, Any] = {
             "plan": json.dumps(plan),
             "max_parallel": max_parallel or UNLIMITED,
-            "created": time.time(),
+            "created": now,
         }
-        pipe.hset(_k(batch, "meta"), mapping=meta)
+        pipe.hset(keys.batch_meta_key(batch), mapping=meta)
         for index, vm in enumerate(plan["vms"]):
-            pipe.rpush(_k(batch, "vms"), vm["id"])
-            pipe.zadd(_k(batch, "pending"), {vm["id"]: priority_score(vm["priority"], index)})
-        pipe.zadd(BATCHES_INDEX, {batch: time.time()})
-        for part in ("meta", "pending", "vms"):
-            pipe.expire(_k(batch, part), BATCH_TTL_S)
+            pipe.rpush(keys.batch_vms_key(batch), vm["id"])
+            pipe.zadd(
+                keys.batch_pending_key(batch), {vm["id"]: priority_score(vm["priority"], index)}
+            )
+        self._touch(pipe, batch)
         pipe.execute()
+        # The fleet-wide index is in another slot: not part of the MULTI. Entries of
+        # batches older than their TTL go at the same time.
+        listed = self.client.pipeline(transaction=False)
+        listed.zadd(keys.batches_index(), {batch: now})
+        listed.zremrangebyscore(keys.batches_index(), "-inf", f"({now - BATCH_TTL_S}")
+        listed.execute()
 
     def requeue(self, batch: str, vm_ids: list[str]) -> None:
         """Put VMs back in line (resume): they wait again and count as not ended."""
@@ -102,72 +109,121 @@ class BatchStore:
         pipe = self.client.pipeline()
         for vm_id in vm_ids:
             priority, index = order[vm_id]
-            pipe.zadd(_k(batch, "pending"), {vm_id: priority_score(priority, index)})
-            pipe.srem(_k(batch, "ended"), vm_id)
+            pipe.zadd(keys.batch_pending_key(batch), {vm_id: priority_score(priority, index)})
+            pipe.srem(keys.batch_ended_key(batch), vm_id)
+        self._touch(pipe, batch)
         pipe.execute()
 
     def exists(self, batch: str) -> bool:
-        return bool(self.client.exists(_k(batch, "meta")))
+        return bool(self.client.exists(keys.batch_meta_key(batch)))
 
     def plan(self, batch: str) -> dict[str, Any]:
-        raw = self.client.hget(_k(batch, "meta"), "plan")
+        raw = self.client.hget(keys.batch_meta_key(batch), "plan")
         if raw is None:
             raise KeyError(f"no batch {batch!r}")
         data: dict[str, Any] = json.loads(raw)
         return data
 
     def meta(self, batch: str) -> dict[str, str]:
-        raw = self.client.hgetall(_k(batch, "meta"))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        raw: dict[str, str] = self.client.hgetall(keys.batch_meta_key(batch))  # type: ignore[assignment]
+        return dict(raw)
 
     def set_meta(self, batch: str, **values: Any) -> None:
         mapping: dict[Any, Any] = {k: str(v) for k, v in values.items()}
-        self.client.hset(_k(batch, "meta"), mapping=mapping)
+        pipe = self.client.pipeline()
+        pipe.hset(keys.batch_meta_key(batch), mapping=mapping)
+        self._touch(pipe, batch)
+        pipe.execute()
 
     def vm_ids(self, batch: str) -> list[str]:
-        return [_text(v) for v in self.client.lrange(_k(batch, "vms"), 0, -1)]
+        return list(self.client.lrange(keys.batch_vms_key(batch), 0, -1))  # type: ignore[arg-type]
 
     def claim_next(self, batch: str) -> str | None:
         """The next VM to start, if the batch limit allows one more in flight."""
-        keys = [_k(batch, "pending"), _k(batch, "inflight"), _k(batch, "meta")]
-        got = self._claim(keys=keys)
-        return _text(got) if got else None
+        got = self._claim(keys=self._claim_keys(batch), args=[BATCH_TTL_S])
+        return str(got) if got else None
+
+    @staticmethod
+    def _claim_keys(batch: str) -> list[str]:
+        first = [
+            keys.batch_pending_key(batch),
+            keys.batch_inflight_key(batch),
+            keys.batch_meta_key(batch),
+        ]
+        return first + [k for k in keys.batch_keys(batch) if k not in first]
+
+    @staticmethod
+    def _end_keys(batch: str) -> list[str]:
+        first = [keys.batch_ended_key(batch), keys.batch_inflight_key(batch)]
+        return first + [k for k in keys.batch_keys(batch) if k not in first]
 
     def drop_vm(self, batch: str, vm_id: str) -> None:
         """Take one VM out of line for good: it will not start, it counts as ended."""
         pipe = self.client.pipeline()
-        pipe.zrem(_k(batch, "pending"), vm_id)
-        pipe.sadd(_k(batch, "ended"), vm_id)
+        pipe.zrem(keys.batch_pending_key(batch), vm_id)
+        pipe.sadd(keys.batch_ended_key(batch), vm_id)
+        self._touch(pipe, batch)
         pipe.execute()
 
     def drop_pending(self, batch: str) -> list[str]:
         """Take every waiting VM out of line (cancel); returns their ids."""
-        key = _k(batch, "pending")
+        key = keys.batch_pending_key(batch)
         pipe = self.client.pipeline()
         pipe.zrange(key, 0, -1)
         pipe.delete(key)
         ids, _ = pipe.execute()
-        return [_text(v) for v in ids]
+        return [str(v) for v in ids]
 
     def mark_ended(self, batch: str, vm_id: str) -> bool:
         """Release the VM's place in the batch; True only the first time."""
-        return bool(self._end(keys=[_k(batch, "ended"), _k(batch, "inflight")], args=[vm_id]))
+        return bool(self._end(keys=self._end_keys(batch), args=[vm_id, BATCH_TTL_S]))
+
+    def next_attempt(self, batch: str, vm_id: str) -> int:
+        """Count one more start message of `vm_id`; returns its number (1, 2, ...)."""
+        pipe = self.client.pipeline()
+        pipe.hincrby(keys.batch_attempts_key(batch), vm_id, 1)
+        self._touch(pipe, batch)
+        return int(pipe.execute()[0])
+
+    def attempts(self, batch: str, vm_id: str) -> int | None:
+        """How many start messages `vm_id` was sent (None: never, or forgotten)."""
+        raw = self.client.hget(keys.batch_attempts_key(batch), vm_id)
+        return int(raw) if raw is not None else None
+
+    def take_host_place(self, batch: str, host: str, vm_id: str, limit: int) -> bool:
+        """A place for `vm_id` among the batch's VMs on `host` (`limits.max_per_host`):
+        True if it holds one now (it already did, or fewer than `limit` VMs of the batch
+        run there; `limit` 0 is unlimited). Atomic: two VMs never take the last place."""
+        if limit < 0:
+            raise ValueError(f"a per-host limit must be >= 0, not {limit}")
+        script_keys = [keys.batch_host_key(batch, host), keys.batch_hosts_key(batch)]
+        return bool(self._take_place(keys=script_keys, args=[vm_id, limit, BATCH_TTL_S, host]))
+
+    def release_host_place(self, batch: str, host: str, vm_id: str) -> bool:
+        """Give `vm_id`'s place on `host` back; True if it held one."""
+        return bool(self.client.srem(keys.batch_host_key(batch, host), vm_id))
+
+    def host_places(self, batch: str, host: str) -> set[str]:
+        """The batch's VMs holding a place on `host`."""
+        members: set[str] = self.client.smembers(keys.batch_host_key(batch, host))  # type: ignore[assignment]
+        return set(members)
 
     def ended_ids(self, batch: str) -> set[str]:
-        return {_text(v) for v in self.client.smembers(_k(batch, "ended"))}
+        members: set[str] = self.client.smembers(keys.batch_ended_key(batch))  # type: ignore[assignment]
+        return set(members)
 
     def pending_ids(self, batch: str) -> set[str]:
-        members: list[Any] = list(self.client.zrange(_k(batch, "pending"), 0, -1))
-        return {_text(v) for v in members}
+        members: list[Any] = list(self.client.zrange(keys.batch_pending_key(batch), 0, -1))
+        return {str(v) for v in members}
 
     def unfinished(self) -> list[str]:
         """Batches that exist and have VMs that did not end (one round trip)."""
         names = self.batches()
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(_k(name, "meta"))
-            pipe.llen(_k(name, "vms"))
-            pipe.scard(_k(name, "ended"))
+            pipe.exists(keys.batch_meta_key(name))
+            pipe.llen(keys.batch_vms_key(name))
+            pipe.scard(keys.batch_ended_key(name))
         replies: list[Any] = pipe.execute()
         found = []
         for i, name in enumerate(names):
@@ -178,16 +234,16 @@ class BatchStore:
 
     def counts(self, batch: str) -> BatchCounts:
         pipe = self.client.pipeline()
-        pipe.llen(_k(batch, "vms"))
-        pipe.zcard(_k(batch, "pending"))
-        pipe.get(_k(batch, "inflight"))
-        pipe.scard(_k(batch, "ended"))
+        pipe.llen(keys.batch_vms_key(batch))
+        pipe.zcard(keys.batch_pending_key(batch))
+        pipe.get(keys.batch_inflight_key(batch))
+        pipe.scard(keys.batch_ended_key(batch))
         total, pending, inflight, ended = pipe.execute()
         return BatchCounts(int(total), int(pending), int(inflight or 0), int(ended))
 
     def batches(self) -> list[str]:
-        names: list[Any] = list(self.client.zrange(BATCHES_INDEX, 0, -1))
-        return [_text(b) for b in names]
+        names: list[Any] = list(self.client.zrange(keys.batches_index(), 0, -1))
+        return [str(b) for b in names]
 
 
 def dispatch(store: BatchStore, batch: str, send: Callable[[str], object]) -> list[str]:
@@ -199,7 +255,3 @@ def dispatch(store: BatchStore, batch: str, send: Callable[[str], object]) -> li
             return started
         send(vm_id)
         started.append(vm_id)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

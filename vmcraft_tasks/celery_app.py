@@ -10,7 +10,17 @@ from celery import Celery
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.queues import INTAKE_QUEUE, declared_queues
 
-TASK_MODULES = ["vmcraft_tasks.tasks.vm", "vmcraft_tasks.tasks.migrate"]
+# One module per step (see vmcraft_tasks.pipeline); the package imports its hooks.
+TASK_MODULES = [
+    "vmcraft_tasks.tasks.start",
+    "vmcraft_tasks.tasks.convert",
+    "vmcraft_tasks.tasks.attach",
+    "vmcraft_tasks.tasks.scan",
+    "vmcraft_tasks.tasks.mount",
+    "vmcraft_tasks.tasks.inspect",
+    "vmcraft_tasks.tasks.fix",
+    "vmcraft_tasks.tasks.finish",
+]
 
 
 # Publishing (a step handing the VM to its next step, a chord's callback) rides out a
@@ -111,7 +121,9 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.conf.vmcraft_settings = settings
     # Worker start/stop concerns: host queue, reconciler, heartbeat, warm shutdown.
-    import worker.signals  # noqa: F401
+    from worker import signals
+
+    signals.install(app)
 
     return app
 

@@ -16,65 +16,49 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-JOB_PREFIX = "vmcraft:v1:job:"
-JOB_TTL_S = 14 * 24 * 3600
+from vmcraft_tasks import keys, luascripts
+from vmcraft_tasks.models.job import (
+    ATTACHING,
+    CANCELLED,
+    CONVERTING,
+    DETACHING,
+    DONE,
+    FAILED,
+    FIXING,
+    INSPECTING,
+    MOUNTING,
+    QUEUED,
+    SCANNING,
+    TERMINAL,
+    JobRecord,
+    parse_record,
+)
 
-QUEUED = "queued"
-CONVERTING = "converting"
-ATTACHING = "attaching"
-SCANNING = "scanning"
-MOUNTING = "mounting"
-INSPECTING = "inspecting"
-FIXING = "fixing"
-DETACHING = "detaching"
-DONE = "done"
-FAILED = "failed"
-CANCELLED = "cancelled"
-TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+# The states and the record live with the other models; they are used from here.
+__all__ = [
+    "ATTACHING",
+    "CANCELLED",
+    "CONVERTING",
+    "DETACHING",
+    "DONE",
+    "FAILED",
+    "FIXING",
+    "INSPECTING",
+    "MOUNTING",
+    "QUEUED",
+    "SCANNING",
+    "TERMINAL",
+    "JobRecord",
+    "parse_record",
+]
 
-# Moves the job to a new status unless it already ended (or its record is gone);
-# returns 1 when it moved. `done` drops the error a failed attempt may have left.
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then
-  return 0
-end
-if current == 'done' or current == 'failed' or current == 'cancelled' then
-  return 0
-end
-for i = 1, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-if ARGV[2] == 'done' then
-  redis.call('HDEL', KEYS[1], 'error')
-end
-redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl') or '1209600'))
-return 1
-"""
-
-# Sets fields of an existing record only; returns 1 when it did.
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-for i = 1, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 1
-"""
-
-# Adds to a counter of an existing record; returns the new value, or nil.
-_BUMP = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return false
-end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
-"""
+# The record's key is `keys.job_key(job_id)`, its step history `keys.job_steps_key`;
+# both expire `JOB_TTL_S` after they were last written. The scripts: `lua/job_*.lua`.
+JOB_TTL_S = keys.JOB_TTL_S
 
 
 class JobNotFoundError(KeyError):
@@ -83,67 +67,14 @@ class JobNotFoundError(KeyError):
         super().__init__(f"no job {job_id!r}")
 
 
-@dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    status: str
-    image: str = ""
-    host: str | None = None
-    error: str | None = None
-    result: dict[str, Any] | None = None
-    timestamps: dict[str, float] = field(default_factory=dict)
-    progress: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "status": self.status,
-            "image": self.image,
-            "host": self.host,
-            "error": self.error,
-            "result": self.result,
-            "timestamps": self.timestamps,
-            "progress": self.progress,
-        }
-
-
-def _key(job_id: str) -> str:
-    return JOB_PREFIX + job_id
-
-
-def parse_record(job_id: str, raw: dict[str, str]) -> JobRecord:
-    """Build a record from the Redis hash (pure)."""
-    stamps = {k[3:]: float(v) for k, v in raw.items() if k.startswith("at:")}
-    progress = {k[5:]: _maybe_json(v) for k, v in raw.items() if k.startswith("prog:")}
-    return JobRecord(
-        job_id=job_id,
-        status=raw.get("status", QUEUED),
-        image=raw.get("image", ""),
-        host=raw.get("host") or None,
-        error=raw.get("error") or None,
-        result=json.loads(raw["result"]) if raw.get("result") else None,
-        timestamps=stamps,
-        progress=progress,
-    )
-
-
-def _maybe_json(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
 class JobStore:
+    """Job records; expects a client with `decode_responses=True`."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._transition = client.register_script(_TRANSITION)
-        self._update = client.register_script(_UPDATE)
-        self._bump = client.register_script(_BUMP)
+        self._transition = luascripts.register(client, "job_transition")
+        self._update = luascripts.register(client, "job_update")
+        self._bump = luascripts.register(client, "job_bump")
 
     def create(self, job_id: str, image: str, **fields: str) -> None:
         """A fresh record (replacing an older one: a resumed VM must not carry the
@@ -155,90 +86,95 @@ class JobStore:
             f"at:{QUEUED}": str(now),
             **fields,
         }
-        pipe = self.client.pipeline()  # MULTI: nobody sees the record missing
-        pipe.delete(_key(job_id))
-        pipe.hset(_key(job_id), mapping=mapping)
-        pipe.expire(_key(job_id), JOB_TTL_S)
+        key = keys.job_key(job_id)
+        pipe = self.client.pipeline()  # MULTI (one key): nobody sees the record missing
+        pipe.delete(key)
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, JOB_TTL_S)
         pipe.execute()
 
     def transition(self, job_id: str, status: str, **fields: Any) -> bool:
         """Move to `status` (recording when); False if the job had already ended."""
-        args: list[str] = ["status", status, f"at:{status}", repr(time.time())]
+        args: list[str | int] = [JOB_TTL_S, "status", status, f"at:{status}", repr(time.time())]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else json.dumps(value)]
-        return bool(self._transition(keys=[_key(job_id)], args=args))
+        return bool(self._transition(keys=[keys.job_key(job_id)], args=args))
 
     def fail(self, job_id: str, reason: str, **fields: Any) -> bool:
         return self.transition(job_id, FAILED, error=reason, **fields)
 
     def set_progress(self, job_id: str, **values: Any) -> bool:
         """Record progress values; False (nothing written) if the record is gone."""
-        args: list[str] = []
+        args: list[str | int] = [JOB_TTL_S]
         for name, value in values.items():
             args += [f"prog:{name}", json.dumps(value)]
-        return bool(self._update(keys=[_key(job_id)], args=args))
+        return bool(self._update(keys=[keys.job_key(job_id)], args=args))
 
     def bump_progress(self, job_id: str, name: str, amount: int = 1) -> int:
         """Add to a progress counter; 0 (nothing written) if the record is gone."""
-        value = self._bump(keys=[_key(job_id)], args=[f"prog:{name}", amount])
+        value = self._bump(keys=[keys.job_key(job_id)], args=[f"prog:{name}", amount, JOB_TTL_S])
         return int(value) if value is not None else 0
 
     def status_and_host(self, job_id: str) -> tuple[str | None, str | None]:
         """The state and host in one round trip (None, None: no such record)."""
-        status, host = self.client.hmget(_key(job_id), ["status", "host"])
-        return (
-            _text(status) if status is not None else None,
-            _text(host) if host else None,
-        )
+        values: list[str | None] = self.client.hmget(keys.job_key(job_id), ["status", "host"])  # type: ignore[assignment]
+        status, host = values
+        return (status, host or None)
 
     def statuses(self, job_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
         """`status_and_host` of many jobs in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(_key(job_id), ["status", "host"])
+            pipe.hmget(keys.job_key(job_id), ["status", "host"])
         found = {}
         for job_id, (status, host) in zip(job_ids, pipe.execute(), strict=True):
-            found[job_id] = (
-                _text(status) if status is not None else None,
-                _text(host) if host else None,
-            )
+            found[job_id] = (status, host or None)
         return found
 
     # Six positional parameters: the signature callers already use.
     def record_step(  # noqa: PLR0917
-        self, job_id: str, task: str, host: str, task_id: str, outcome: str, retries: int = 0
+        self,
+        job_id: str,
+        task: str,
+        host: str,
+        task_id: str,
+        outcome: str,
+        retries: int = 0,
+        *,
+        started: float | None = None,
     ) -> None:
-        """Which host ran which step, and how it ended: facts tests and reports read back."""
-        key = _key(job_id) + ":steps"
-        entry = json.dumps(
-            {
-                "task": task,
-                "host": host,
-                "task_id": task_id,
-                "retries": retries,
-                "outcome": outcome,
-                "at": time.time(),
-            }
-        )
+        """Which host ran which step, when, and how it ended: facts tests, reports and
+        benchmarks read back (`started` and `at` are wall-clock seconds)."""
+        key = keys.job_steps_key(job_id)
+        entry: dict[str, Any] = {
+            "task": task,
+            "host": host,
+            "task_id": task_id,
+            "retries": retries,
+            "outcome": outcome,
+            "at": time.time(),
+        }
+        if started is not None:
+            entry["started"] = started
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, entry)
+        pipe.rpush(key, json.dumps(entry))
         pipe.expire(key, JOB_TTL_S)
         pipe.execute()
 
     def steps(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.client.lrange(_key(job_id) + ":steps", 0, -1)]
+        items: list[str] = self.client.lrange(keys.job_steps_key(job_id), 0, -1)  # type: ignore[assignment]
+        return [json.loads(item) for item in items]
 
     def status(self, job_id: str) -> str | None:
         """Just the state: what every step checks first, in one small round trip."""
-        raw = self.client.hget(_key(job_id), "status")
-        return _text(raw) if raw is not None else None
+        status: str | None = self.client.hget(keys.job_key(job_id), "status")  # type: ignore[assignment]
+        return status
 
     def get(self, job_id: str) -> JobRecord:
-        raw = self.client.hgetall(_key(job_id))
+        raw: dict[str, str] = self.client.hgetall(keys.job_key(job_id))  # type: ignore[assignment]
         if not raw:
             raise JobNotFoundError(job_id)
-        decoded = {_text(k): _text(v) for k, v in raw.items()}
-        return parse_record(job_id, decoded)
+        return parse_record(job_id, raw)
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.05) -> JobRecord:
         """Poll until the job ends; returns the last record seen when time runs out."""
@@ -248,7 +184,3 @@ class JobStore:
             if record.finished or time.monotonic() >= deadline:
                 return record
             time.sleep(poll_s)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

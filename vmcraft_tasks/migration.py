@@ -15,9 +15,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, keys
 from vmcraft_tasks.batches import BatchStore, dispatch, job_id_for
-from vmcraft_tasks.jobs import JobNotFoundError, JobStore
+from vmcraft_tasks.jobs import JobStore
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,33 @@ def start_queue(vm: dict[str, Any]) -> str:
 
 
 def vm_context(batch: str, vm: dict[str, Any]) -> dict[str, Any]:
+    """The start message of a batch VM: it names the VM; the plan stays in Redis."""
     return {
         "job_id": job_id_for(batch, vm["id"]),
         "batch": batch,
         "vm_id": vm["id"],
-        "plan": vm,
         "image": vm["disks"][0]["source"],
     }
 
 
+def batch_vm_of(client: redis.Redis, job_id: str) -> tuple[str, str] | None:
+    """(batch, VM id) of a batch VM's job, from its record (None: a lone job)."""
+    raw = client.hget(keys.job_key(job_id), "batch")
+    batch = raw.decode() if isinstance(raw, bytes) else raw
+    if not batch or not job_id.startswith(batch + "."):
+        return None
+    return batch, job_id[len(batch) + 1 :]
+
+
+def release_host_place(store: BatchStore, job_store: JobStore, batch: str, vm_id: str) -> None:
+    """The VM no longer counts against its host's `limits.max_per_host`."""
+    _status, host = job_store.status_and_host(job_id_for(batch, vm_id))
+    if host:
+        store.release_host_place(batch, host, vm_id)
+
+
 def _attempts_key(batch: str) -> str:
-    return f"vmcraft:v1:batch:{batch}:attempts"
+    return keys.batch_attempts_key(batch)
 
 
 def start_task_id(batch: str, vm_id: str, attempt: int) -> str:
@@ -73,7 +89,7 @@ def send_vm(app: Celery, store: BatchStore, batch: str, vm_id: str) -> str:
 
 def _attempt(store: BatchStore, batch: str, vm_id: str) -> int:
     """Task ids stay unique across resumes of the same VM."""
-    return int(store.client.hincrby(_attempts_key(batch), vm_id, 1))
+    return store.next_attempt(batch, vm_id)  # refreshes the batch's TTL too
 
 
 def requeue_vm(
@@ -85,6 +101,7 @@ def requeue_vm(
     job_id = job_id_for(batch, vm_id)
     if not store.exists(batch):
         return False
+    release_host_place(store, job_store, batch, vm_id)
     if not job_store.transition(job_id, jobs.QUEUED, host=""):
         return False
     job_store.set_progress(job_id, requeued=note)
@@ -100,32 +117,10 @@ def vm_ended(app: Celery, store: BatchStore, job_store: JobStore, batch: str, vm
         # Redis lost the batch (a restart without persistence): nothing to account to.
         log.warning("VM %s of batch %s ended, but the batch record is gone", vm_id, batch)
         return
+    release_host_place(store, job_store, batch, vm_id)
     if store.mark_ended(batch, vm_id):
         dispatch(store, batch, lambda next_id: _start(app, store, job_store, batch, next_id))
         write_summary_if_finished(store, job_store, batch)
-
-
-def finish_vm(app: Celery, client: redis.Redis, batch: str, vm_id: str) -> None:
-    """A VM ended without its own steps noticing (the reconciler or the watchdog ended
-    it): write its report as the last step would have, and let the batch move on."""
-    from vmcraft_tasks.outputs import write_vm_report
-
-    store = BatchStore(client)
-    job_store = JobStore(client)
-    if not store.exists(batch):
-        return
-    job_id = job_id_for(batch, vm_id)
-    try:
-        record = job_store.get(job_id)
-        plan = vm_plan(store.plan(batch), vm_id)
-    except (JobNotFoundError, KeyError):
-        return
-    if record.finished:
-        try:
-            write_vm_report(plan, record, job_store.steps(job_id))
-        except Exception as exc:  # a report that cannot be written must not stall the batch
-            log.warning("could not write the report of %s: %s", job_id, exc)
-    vm_ended(app, store, job_store, batch, vm_id)
 
 
 def write_summary_if_finished(store: BatchStore, job_store: JobStore, batch: str) -> bool:

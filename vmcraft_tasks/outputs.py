@@ -28,6 +28,7 @@ from vmcraft_tasks.craft.libvirt import (
     validate_domain_xml,
 )
 from vmcraft_tasks.jobs import JobRecord
+from vmcraft_tasks.models.report import VMReport
 from vmcraft_tasks.outfiles import (
     OutputDir,
     OutputNameError,
@@ -195,7 +196,7 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
         )
         for f in result.get("fixes") or []
     ]
-    return vm_report(
+    report = vm_report(
         vm_id=vm["id"],
         status=record.status,
         error=record.error,
@@ -213,6 +214,10 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
         initramfs=(result.get("preparation") or {}).get("initramfs"),
         notes=result.get("fix_notes") or [],
     )
+    # The report is a published contract (docs/schemas/vm-report.schema.json): one that
+    # does not match it is a bug here, and is never written.
+    VMReport.model_validate(report)
+    return report
 
 
 def write_vm_report(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmcraft_tasks.batches import BatchStore, job_id_for
+from vmcraft_tasks.jobmarker import read_job_marker
 from vmcraft_tasks.validation import validate_image_path
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -158,6 +159,4 @@ def plan_of(rt: Any, message: Any) -> dict[str, Any]:
 
 def state_dir_for(rt: Any, message: Any) -> str:
     """`state_dir_of` with this host's work directory and attach markers."""
-    from worker.reconcile import read_job_marker
-
     return state_dir_of(message, rt.host_work_dir, read_job_marker)

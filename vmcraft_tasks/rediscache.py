@@ -26,27 +26,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from vmcraft_tasks import keys, luascripts
 from vmcraft_tasks.craft.cache import ScanCache
 from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.urls import mask_url
 
-DEFAULT_NAMESPACE = "vmcraft:cache:v1"
+# Keys: `vmcraft_tasks.keys.cache_*`, all of one namespace under one hash tag (the
+# GET script touches an entry and the stats hash). Values are JSON text.
+DEFAULT_NAMESPACE = keys.CACHE_NAMESPACE
 
 # Longer than any sane entry TTL: entries are clamped to half of it (see `set`), so a
 # generation key can only expire after every entry naming it already has.
 DEFAULT_GENERATION_TTL_S = 7 * 24 * 3600.0
-
-# GET and the matching counter in one call: a pipeline cannot choose the counter
-# field from the GET's answer, and two round trips would double the cost of a hit.
-_GET_AND_COUNT = """
-local value = redis.call('GET', KEYS[1])
-if value then
-  redis.call('HINCRBY', KEYS[2], ARGV[1] .. '_hits', 1)
-else
-  redis.call('HINCRBY', KEYS[2], ARGV[1] .. '_misses', 1)
-end
-return value
-"""
 
 T = TypeVar("T")
 
@@ -73,14 +64,16 @@ class RedisScanCache(ScanCache):
     ) -> None:
         if generation_ttl_s <= 0:
             raise ValueError("generation_ttl_s must be positive")
+        keys.cache_prefix(namespace)  # KeyPartError for a namespace that cannot be one
         self.client = client
         self.namespace = namespace
         self.url = _describe_client(client)
         self._generation_ttl_ms = _to_ms(generation_ttl_s)
         self._max_entry_ttl_ms = max(1, self._generation_ttl_ms // 2)
-        self._stats_key = f"{namespace}:stats"
-        # EVALSHA; the script is loaded on first use (and again after a SCRIPT FLUSH).
-        self._get_and_count = client.register_script(_GET_AND_COUNT)
+        self._stats_key = keys.cache_stats_key(namespace)
+        # EVALSHA (lua/cache_get_and_count.lua); the script is loaded on first use (and
+        # again after a SCRIPT FLUSH). The client must decode responses.
+        self._get_and_count = luascripts.register(client, "cache_get_and_count")
 
     @classmethod
     def from_url(
@@ -102,6 +95,7 @@ class RedisScanCache(ScanCache):
             "socket_connect_timeout": 1.0,
             "socket_timeout": 1.0,
             "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=3),
+            "decode_responses": True,  # values are JSON text
         }
         options.update(redis_kwargs)
         client = redis.Redis.from_url(url, **options)
@@ -144,8 +138,8 @@ class RedisScanCache(ScanCache):
         return int(new_generation)
 
     def stats(self) -> dict[str, int]:
-        raw = self._call(lambda: self.client.hgetall(self._stats_key))
-        return {_text(field): int(count) for field, count in raw.items()}
+        raw: dict[str, str] = self._call(lambda: self.client.hgetall(self._stats_key))  # type: ignore[arg-type,return-value]
+        return {field: int(count) for field, count in raw.items()}
 
     # -- helpers ------------------------------------------------------------------
 
@@ -153,10 +147,10 @@ class RedisScanCache(ScanCache):
         self.client.close()
 
     def _entry_key(self, key: str) -> str:
-        return f"{self.namespace}:{key}"
+        return keys.cache_entry_key(self.namespace, key)
 
     def _generation_key(self, disk_identity: str) -> str:
-        return f"{self.namespace}:gen:{disk_identity}"
+        return keys.cache_generation_key(self.namespace, disk_identity)
 
     def _call(self, operation: Callable[[], T]) -> T:
         try:
@@ -168,10 +162,6 @@ class RedisScanCache(ScanCache):
 def _to_ms(seconds: float) -> int:
     # Rounded up: a positive TTL must never become PX 0, which Redis rejects.
     return max(1, math.ceil(seconds * 1000))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _describe_client(client: redis.Redis) -> str:

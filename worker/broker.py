@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import NEVER_DECODE
 
+from vmcraft_tasks import luascripts
 from vmcraft_tasks.queues import HOST_QUEUE_PREFIX, INTAKE_QUEUE
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,14 @@ TASK_PREFIX = "vmcraft."
 # A queue longer than this is not read whole on every tick; its VMs count as queued.
 SCAN_LIMIT = 5000
 
-# KEYS: unacked hash, unacked index, queue. ARGV: tag, the entry as read, what to push
-# ('' drops it). Compare-and-move: a message another host restored, or its worker
-# acked meanwhile, is left alone.
-_MOVE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[3]) end
-return 1
-"""
+# kombu's keys and values are kombu's: it writes its messages as JSON text, but
+# anyone who can reach the broker can push a value that is not UTF-8. The fleet's
+# clients decode every reply (`decode_responses=True`), and one such value would then
+# fail the whole reply, and with it every reconcile tick, with a UnicodeDecodeError.
+# So kombu's structures are read as bytes, per command (redis-py's NEVER_DECODE
+# option, the one its DUMP command uses), and each value is decoded on its own: a value
+# that is not text is skipped like any other message that is not ours.
+_RAW: dict[str, Any] = {NEVER_DECODE: []}
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,22 @@ def redelivered_copy(payload: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _kombu_text(value: bytes | str) -> str | None:
+    """A value read as bytes, as text; None if it is not UTF-8 (not kombu's)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _score_pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """ZRANGE WITHSCORES as (member, score) pairs, whether redis-py paired them or not."""
+    items = list(reply or [])
+    if items and not isinstance(items[0], list | tuple):
+        return list(zip(items[0::2], items[1::2], strict=True))
+    return [(pair[0], pair[1]) for pair in items]
 
 
 class Broker:
@@ -139,7 +153,7 @@ class Broker:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._move = client.register_script(_MOVE)
+        self._move = luascripts.register(client, "broker_move")
 
     def queued(self, queues: Iterable[str]) -> tuple[list[Message], bool]:
         """Messages waiting in `queues`, and whether every queue was read whole."""
@@ -148,7 +162,7 @@ class Broker:
         names = [q for q in dict.fromkeys(queues) if is_fleet_queue(q)]
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.lrange(name, 0, SCAN_LIMIT - 1)
+            pipe.execute_command("LRANGE", name, 0, SCAN_LIMIT - 1, **_RAW)  # type: ignore[no-untyped-call]
             pipe.llen(name)
         replies = pipe.execute()
         for i, name in enumerate(names):
@@ -156,6 +170,7 @@ class Broker:
             complete = complete and length <= SCAN_LIMIT
             for item in items:
                 try:
+                    # bytes that are not UTF-8 raise UnicodeDecodeError, a ValueError
                     message = parse_payload(json.loads(item), name)
                 except ValueError:
                     continue
@@ -166,13 +181,15 @@ class Broker:
     def unacked(self) -> list[Message]:
         """Every VM step message taken by some worker and not acknowledged yet."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(UNACKED)
-        pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
+        pipe.execute_command("HGETALL", UNACKED, **_RAW)  # type: ignore[no-untyped-call]
+        pipe.execute_command("ZRANGE", UNACKED_INDEX, 0, -1, "WITHSCORES", **_RAW)  # type: ignore[no-untyped-call]
         entries, index = pipe.execute()
-        delivered = {_text(tag): float(score) for tag, score in index}
+        delivered = {_kombu_text(tag): float(score) for tag, score in _score_pairs(index)}
         found = []
         for raw_tag, raw_entry in entries.items():
-            tag, entry = _text(raw_tag), _text(raw_entry)
+            tag, entry = _kombu_text(raw_tag), _kombu_text(raw_entry)
+            if tag is None or entry is None:
+                continue
             try:
                 payload, _exchange, routing_key = json.loads(entry)
             except (ValueError, TypeError):

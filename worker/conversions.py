@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from vmcraft_tasks.craft import commands
+from vmcraft_tasks.craft.atomicfile import atomic_write
 from vmcraft_tasks.craft.convert import TEMP_INFIX
 from worker import procs
 from worker.semaphore import WaitStopped
@@ -88,10 +89,7 @@ def _record_path(host_work_dir: str, token: str) -> str:
 
 def _write(path: str, record: ConversionRecord) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w") as fh:
-        fh.write(record.to_json())
-    os.replace(tmp, path)
+    atomic_write(path, record.to_json(), fsync=False)
 
 
 def records(host_work_dir: str) -> list[tuple[str, ConversionRecord]]:
@@ -176,11 +174,8 @@ def cleanup(path: str, record: ConversionRecord, *, protected: Iterable[str] = (
 def request_stop(host_work_dir: str, worker_pid: int, reason: str) -> None:
     """The worker's main process asks its conversions to stop (warm shutdown)."""
     os.makedirs(host_work_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(host_work_dir, STOP_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump({"worker_pid": worker_pid, "reason": reason, "at": time.time()}, fh)
-    os.replace(tmp, path)
+    record = {"worker_pid": worker_pid, "reason": reason, "at": time.time()}
+    atomic_write(os.path.join(host_work_dir, STOP_FILE), json.dumps(record), fsync=False)
 
 
 def clear_stop(host_work_dir: str) -> None:

@@ -2,7 +2,7 @@
 
 A slot is a Redis key (`keys.slot_key`) set with NX and a PX expiry, holding the
 owner id (a task id). Redis is the guarantee that two processes never hold one
-slot: the Lua scripts below run atomically, so "find the lowest free slot and take
+slot: the Lua scripts (`lua/lease_*.lua`) run atomically, so "find the lowest free slot and take
 it" cannot interleave with another acquire, on this host or any other.
 
 Leases expire unless refreshed (the host heartbeat calls `refresh_all`), so a host
@@ -19,7 +19,6 @@ whose records are gone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -31,58 +30,12 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import keys
+from vmcraft_tasks import keys, luascripts
+from vmcraft_tasks.craft.atomicfile import atomic_write, locked
 
 HOST_SLOTS_LOCK = "host-slots.lock"
 LEASES_DIR = "leases"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
-
-# A retried task must get back the slot it already holds, not a second one, so the
-# owner's existing lease is looked for (and renewed) before any free slot is taken.
-_ACQUIRE = """
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
-    return i - 1
-  end
-end
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return i - 1
-  end
-end
-return -1
-"""
-
-# Compare-and-delete: a lease that expired and was taken by someone else must not
-# be deleted by its former owner.
-_RELEASE = """
-local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('DEL', key)
-    n = n + 1
-  end
-end
-return n
-"""
-
-# ARGV[2] == '1' refreshes every lease on the host; otherwise only the owners listed
-# from ARGV[3] on. Checking the owner inside the script keeps a refresh from
-# extending a lease that changed hands since the caller last looked.
-_REFRESH = """
-local wanted = {}
-for i = 3, #ARGV do wanted[ARGV[i]] = true end
-local n = 0
-for _, key in ipairs(KEYS) do
-  local owner = redis.call('GET', key)
-  if owner and (ARGV[2] == '1' or wanted[owner]) then
-    redis.call('PEXPIRE', key, ARGV[1])
-    n = n + 1
-  end
-end
-return n
-"""
 
 
 @dataclass(frozen=True)
@@ -116,18 +69,8 @@ def _host_lock(work_dir: str | None) -> Iterator[None]:
         yield
         return
     os.makedirs(work_dir, exist_ok=True)
-    fd = os.open(
-        os.path.join(work_dir, HOST_SLOTS_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked(os.path.join(work_dir, HOST_SLOTS_LOCK)):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor drops the flock
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class SlotLeases:
@@ -151,9 +94,10 @@ class SlotLeases:
         self._client = client
         self._ttl_ms = _ttl_ms(ttl_s)
         self._keys = [keys.slot_key(host, slot) for slot in range(slots)]
-        self._acquire = client.register_script(_ACQUIRE)
-        self._release = client.register_script(_RELEASE)
-        self._refresh = client.register_script(_REFRESH)
+        # lua/lease_*.lua; KEYS: this host's slot keys (one host tag, one slot).
+        self._acquire = luascripts.register(client, "lease_acquire")
+        self._release = luascripts.register(client, "lease_release")
+        self._refresh = luascripts.register(client, "lease_refresh")
 
     def acquire(self, owner: str) -> Lease | None:
         """The lowest free slot, or the one `owner` already holds; None when full."""
@@ -192,8 +136,8 @@ class SlotLeases:
 
     def held(self) -> dict[int, str]:
         """Slot number -> owner, for every slot currently leased."""
-        values = self._client.mget(self._keys)
-        return {slot: _text(v) for slot, v in enumerate(values) if v is not None}
+        values: list[str | None] = self._client.mget(self._keys)  # type: ignore[assignment]
+        return {slot: v for slot, v in enumerate(values) if v is not None}
 
     def free_count(self) -> int:
         return self.slots - len(self.held())
@@ -233,10 +177,8 @@ class SlotLeases:
             return
         path = self._mirror_path(owner)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump({"owner": owner, "host": self.host, "slot": slot, "at": time.time()}, fh)
-        os.replace(tmp, path)
+        record = {"owner": owner, "host": self.host, "slot": slot, "at": time.time()}
+        atomic_write(path, json.dumps(record), fsync=False)
 
     def owner_of(self, owner: str) -> Lease | None:
         """The lease `owner` holds on this host, if any."""

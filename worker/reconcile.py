@@ -45,20 +45,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from celery import Celery, current_app
 
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, keys
+from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.craft.nbd.helpers import process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs, release_state_dir
+from vmcraft_tasks.jobmarker import read_job_marker
+from vmcraft_tasks.migration import batch_vm_of, requeue_vm
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
-from worker import conversions, keys
+from worker import conversions
 from worker.broker import Message
+from worker.ending import end_vm
 from worker.registry import list_hosts, server_time
 from worker.runtime import HostRuntime
 from worker.steps import COMPLETED, StepRecord
 
 log = logging.getLogger(__name__)
-
-JOB_MARKER = "job.json"
 
 START = "start"
 BEAT = "beat"
@@ -99,23 +102,6 @@ class ReconcileReport:
         return "; ".join(parts) or "nothing to do"
 
 
-def write_job_marker(state_dir: str, job_id: str, host: str, worker_pid: int) -> None:
-    """Who owns an attach: the reconciler spares attaches of live workers."""
-    path = os.path.join(state_dir, JOB_MARKER)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"job_id": job_id, "host": host, "worker_pid": worker_pid}, fh)
-    os.replace(path + ".tmp", path)
-
-
-def read_job_marker(state_dir: str) -> dict[str, object]:
-    try:
-        with open(os.path.join(state_dir, JOB_MARKER)) as fh:
-            data: dict[str, object] = json.load(fh)
-            return data
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
 def owner_alive(worker_pid: object, me: int) -> bool:
     return isinstance(worker_pid, int) and worker_pid != me and process_alive(worker_pid)
 
@@ -133,9 +119,14 @@ def _no_tasks() -> list[HeldTask]:
 class Reconciler:
     """One per worker main process; `run()` is thread-safe (one run at a time)."""
 
-    def __init__(self, rt: HostRuntime, *, held: HeldTasks = _no_tasks) -> None:
+    def __init__(
+        self, rt: HostRuntime, *, held: HeldTasks = _no_tasks, app: Celery | None = None
+    ) -> None:
         self.rt = rt
         self.held = held
+        # The fleet's app (the worker injects it): ending or requeueing a batch VM sends
+        # the batch's next start message.
+        self.app: Celery = app if app is not None else current_app
         self._lock = threading.Lock()
         # First time (monotonic) each suspicion was seen: acting on one needs it to
         # hold for a grace period, over more than one run.
@@ -444,49 +435,34 @@ class Reconciler:
 
     def _end_job(self, job: str, dirs: list[str], why: str, report: ReconcileReport) -> None:
         self._release_job(job, dirs, report)
-        if self.rt.probe_jobs.fail(job, why, host=self.rt.host_id):
+        if self._end(job, why):
             report.failed_jobs.append(job)
             log.warning("VM %s failed: %s", job, why)
-            self._finish(job)
 
     def _requeue_or_end(self, job: str, why: str, report: ReconcileReport) -> None:
         self._release_job(job, [], report)
-        batch, vm_id = self._batch_of(job)
-        if batch is not None:
-            from vmcraft_tasks.batches import BatchStore
-            from vmcraft_tasks.celery_app import app
-            from vmcraft_tasks.migration import requeue_vm
-
+        batch_vm = batch_vm_of(self.rt.probe, job)
+        if batch_vm is not None:
             store = BatchStore(self.rt.probe)
-            if requeue_vm(app, store, self.rt.probe_jobs, batch, vm_id, note=why):
+            if requeue_vm(self.app, store, self.rt.probe_jobs, *batch_vm, note=why):
                 report.requeued_jobs.append(job)
                 return
-        if self.rt.probe_jobs.fail(job, why, host=self.rt.host_id):
+        if self._end(job, why):
             report.failed_jobs.append(job)
-            self._finish(job)
 
-    def _batch_of(self, job: str) -> tuple[str | None, str]:
-        raw = self.rt.probe.hget(jobs.JOB_PREFIX + job, "batch")
-        batch = raw.decode() if isinstance(raw, bytes) else raw
-        if not batch or not job.startswith(batch + "."):
-            return None, ""
-        return batch, job[len(batch) + 1 :]
-
-    def _finish(self, job: str) -> None:
-        """A VM this reconciler ended: its report, and its batch moves on."""
-        batch, vm_id = self._batch_of(job)
-        if batch is None:
-            return
-        from vmcraft_tasks.celery_app import app
-        from vmcraft_tasks.migration import finish_vm
-
+    def _end(self, job: str, why: str) -> bool:
+        """End a VM whose worker is gone (its attach and slot were released above):
+        failed, reported, and its batch moves on."""
         try:
-            finish_vm(app, self.rt.probe, batch, vm_id)
+            return end_vm(self.app, self.rt.probe, job, "failed", reason=why)
+        except redis.RedisError:
+            raise
         except Exception as exc:
             log.warning("could not end VM %s in its batch: %s", job, exc)
+            return False
 
     def _last_step(self, job: str) -> str:
-        raw = self.rt.probe.lindex(jobs.JOB_PREFIX + job + ":steps", -1)
+        raw = self.rt.probe.lindex(keys.job_steps_key(job), -1)
         if raw is None:
             return "none recorded"
         try:
@@ -594,7 +570,7 @@ class Reconciler:
             report.restored_messages.append(f"{label}: no live worker held it")
 
     def _completed_elsewhere(self, job: str, message: Message) -> bool:
-        raw: list[Any] = self.rt.probe.lrange(jobs.JOB_PREFIX + job + ":steps", 0, -1)
+        raw: list[Any] = self.rt.probe.lrange(keys.job_steps_key(job), 0, -1)
         for item in raw:
             try:
                 entry = json.loads(item)

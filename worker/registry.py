@@ -21,8 +21,8 @@ from typing import Any, cast
 
 import redis
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.config import FleetSettings
-from worker import keys
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ def publish_heartbeat(client: redis.Redis, info: HostInfo, ttl_s: float) -> Host
     if ttl_ms < 1:
         raise ValueError(f"ttl must be at least 1 ms, not {ttl_s} s")
     stamped = replace(info, last_seen=server_time(client))
-    pipe = client.pipeline(transaction=True)
+    # Not a MULTI: the heartbeat (tagged by the host) and the fleet-wide index live in
+    # different cluster slots. Both writes are idempotent; the next beat repeats them.
+    pipe = client.pipeline(transaction=False)
     pipe.set(keys.host_key(info.host_id), stamped.to_json(), px=ttl_ms)
     pipe.zadd(keys.hosts_index(), {info.host_id: stamped.last_seen})
     pipe.execute()
@@ -122,15 +124,15 @@ def list_hosts(client: redis.Redis) -> list[HostStatus]:
     """Every host that ever beat and was not forgotten, by host id."""
     # withscores=True always yields (member, score) pairs; the stub's union cannot say so.
     entries = cast(
-        list[tuple[bytes | str, float]],
+        list[tuple[str, float]],
         client.zrange(keys.hosts_index(), 0, -1, withscores=True),
     )
-    hosts = [(_text(member), float(score)) for member, score in entries]
+    hosts = [(member, float(score)) for member, score in entries]
     # One GET per host rather than MGET: the hosts' keys live in different cluster slots.
     pipe = client.pipeline(transaction=False)
     for host, _ in hosts:
         pipe.get(keys.host_key(host))
-    values: list[bytes | str | None] = pipe.execute()
+    values: list[str | None] = pipe.execute()
     statuses = [
         HostStatus(host, raw is not None, last_seen, _parse(host, raw))
         for (host, last_seen), raw in zip(hosts, values, strict=True)
@@ -140,18 +142,14 @@ def list_hosts(client: redis.Redis) -> list[HostStatus]:
 
 def forget_host(client: redis.Redis, host: str) -> bool:
     """Drop `host` from the registry; True if it was known."""
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=False)  # two slots: see publish_heartbeat
     pipe.delete(keys.host_key(host))
     pipe.zrem(keys.hosts_index(), host)
     deleted, removed = pipe.execute()
     return bool(deleted or removed)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _parse(host: str, raw: bytes | str | None) -> HostInfo | None:
+def _parse(host: str, raw: str | None) -> HostInfo | None:
     if raw is None:
         return None
     try:

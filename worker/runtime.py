@@ -15,11 +15,11 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.jobs import JobStore
 from vmcraft_tasks.rediscache import RedisScanCache
-from worker import keys
 from worker.broker import Broker
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
@@ -42,9 +42,12 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def redis_client(url: str, *, patient: bool) -> redis.Redis:
-    """A Redis client with the fleet's timeouts and retry policy."""
+    """A Redis client with the fleet's timeouts and retry policy; it reads text (every
+    key and value of the fleet's own is text; `worker.broker` reads kombu's values as
+    bytes per command)."""
     return redis.Redis.from_url(
         url,
+        decode_responses=True,
         socket_timeout=SOCKET_TIMEOUT_S if patient else 10.0,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_keepalive=True,

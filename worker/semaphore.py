@@ -24,94 +24,10 @@ from contextlib import contextmanager
 
 import redis
 
+from vmcraft_tasks import keys, luascripts
 from worker.steps import Holder, current_holder
 
 log = logging.getLogger(__name__)
-
-# Milliseconds of Redis server time; a double holds them exactly.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# Expired places go first, with their holder records.
-_DROP_EXPIRED = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, token in ipairs(expired) do redis.call('HDEL', KEYS[2], token) end
-if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
-"""
-
-# A token that already holds is renewed, not counted twice: a retried task must not
-# eat a second place (its holder record is replaced: the new run owns the place).
-# The keys' own TTL only lets a semaphore whose holders all vanished disappear.
-_ACQUIRE = (
-    _NOW
-    + _DROP_EXPIRED
-    + """
-local ttl = tonumber(ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[1])
-   or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  if ARGV[4] ~= '' then
-    redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-  else
-    redis.call('HDEL', KEYS[2], ARGV[1])
-  end
-  for _, key in ipairs(KEYS) do
-    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
-  end
-  return 1
-end
-return 0
-"""
-)
-
-# An expired holder is not renewed: its place may already belong to someone else.
-_REFRESH = (
-    _NOW
-    + """
-local ttl = tonumber(ARGV[2])
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) > now then
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-  for _, key in ipairs(KEYS) do
-    if redis.call('EXISTS', key) == 1 and redis.call('PTTL', key) < ttl then
-      redis.call('PEXPIRE', key, ttl)
-    end
-  end
-  return 1
-end
-return 0
-"""
-)
-
-_RELEASE = """
-redis.call('HDEL', KEYS[2], ARGV[1])
-return redis.call('ZREM', KEYS[1], ARGV[1])
-"""
-
-# Evict only the holder the caller judged dead: a new run of the same step may have
-# taken the same token since.
-_EVICT = """
-if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  return redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 0
-"""
-
-_HOLDERS = (
-    _NOW
-    + """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], string.format('(%d', now), '+inf')
-local out = {}
-for _, token in ipairs(live) do
-  table.insert(out, token)
-  table.insert(out, redis.call('HGET', KEYS[2], token) or '')
-end
-return out
-"""
-)
 
 
 class LimitReached(Exception):
@@ -133,10 +49,6 @@ class WaitStopped(Exception):
         super().__init__(f"{key}: stopped waiting for a place: {reason}")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class RedisSemaphore:
     """At most `limit` holders of `key` at once; a holder lapses after `ttl_s`."""
 
@@ -148,16 +60,17 @@ class RedisSemaphore:
             raise ValueError(f"ttl must be at least 1 ms, not {ttl_s} s")
         self.key = key
         # Same hash tag as the key (it holds `{host}`): one cluster slot for both.
-        self.holders_key = f"{key}:holders"
+        self.holders_key = keys.semaphore_holders_key(key)
         self.limit = limit
         self.ttl_s = ttl_s
         self._ttl_ms = ttl_ms
         self._client = client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._refresh = client.register_script(_REFRESH)
-        self._release = client.register_script(_RELEASE)
-        self._evict = client.register_script(_EVICT)
-        self._holders = client.register_script(_HOLDERS)
+        # lua/semaphore_*.lua; KEYS: the holders zset and the holder hash.
+        self._acquire = luascripts.register(client, "semaphore_acquire")
+        self._refresh = luascripts.register(client, "semaphore_refresh")
+        self._release = luascripts.register(client, "semaphore_release")
+        self._evict = luascripts.register(client, "semaphore_evict")
+        self._holders = luascripts.register(client, "semaphore_holders")
 
     @property
     def _keys(self) -> list[str]:
@@ -226,11 +139,11 @@ class RedisSemaphore:
 
     def holders_detail(self) -> dict[str, Holder | None]:
         """Token -> its holder (None when it was taken without one), live places only."""
-        raw: list[bytes | str] = self._holders(keys=self._keys)
+        raw: list[str] = self._holders(keys=self._keys)
         found: dict[str, Holder | None] = {}
         for i in range(0, len(raw) - 1, 2):
-            recorded = _text(raw[i + 1])
-            found[_text(raw[i])] = Holder.from_json(recorded) if recorded else None
+            recorded = raw[i + 1]
+            found[raw[i]] = Holder.from_json(recorded) if recorded else None
         return found
 
     @contextmanager

@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import redis
+from celery import Celery
 from celery.signals import (
     celeryd_after_setup,
     worker_init,
@@ -31,8 +32,9 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.queues import host_queue
-from worker import conversions, keys
+from worker import conversions
 from worker.broker import job_id_of
 from worker.reconcile import BEAT, START, STOP, HeldTask, Reconciler
 from worker.registry import Heartbeat, HostInfo
@@ -52,10 +54,25 @@ warnings.filterwarnings(
 # heartbeats): it reads every open batch.
 WATCHDOG_MIN_INTERVAL_S = 5.0
 
+_app: Celery | None = None
 _heartbeat: Heartbeat | None = None
 _reconciler: Reconciler | None = None
 _watchdog: BatchWatchdog | None = None
 _started_at = time.time()
+
+
+def install(app: Celery) -> None:
+    """The fleet's Celery app, for what the host runtime sends (a batch's next VM, a
+    requeue); the app calls this when it is created. The handlers below are connected
+    on import."""
+    global _app
+    _app = app
+
+
+def _the_app() -> Celery:
+    if _app is None:
+        raise RuntimeError("worker.signals.install(app) was not called")
+    return _app
 
 
 @celeryd_after_setup.connect
@@ -97,7 +114,7 @@ def held_tasks() -> list[HeldTask]:
 def reconciler() -> Reconciler:
     global _reconciler
     if _reconciler is None:
-        _reconciler = Reconciler(runtime(), held=held_tasks)
+        _reconciler = Reconciler(runtime(), held=held_tasks, app=_the_app())
     return _reconciler
 
 
@@ -134,11 +151,9 @@ def _on_beat() -> None:
 def start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat, _watchdog
     rt = runtime()
-    from vmcraft_tasks.celery_app import app
-
     _watchdog = BatchWatchdog(
         rt.probe,
-        app,
+        _the_app(),
         owner=f"{rt.host_id}:{rt.worker_pid}",
         interval_s=max(WATCHDOG_MIN_INTERVAL_S, 5 * rt.settings.heartbeat_s),
         lease_ttl_s=rt.settings.lease_ttl_s,

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from vmcraft_tasks.craft.atomicfile import atomic_write
 from worker import procs
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,7 @@ def holding(holder: Holder) -> Iterator[None]:
 
 
 def _write(path: str, record: StepRecord) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(asdict(record), fh)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(asdict(record)), fsync=False)
 
 
 def _read(path: str) -> StepRecord | None:

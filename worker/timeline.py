@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import keys
+from vmcraft_tasks import keys
 
 RETENTION_S = 24 * 60 * 60
 

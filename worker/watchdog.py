@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from vmcraft_tasks import jobs
+from vmcraft_tasks import jobs, keys
 from vmcraft_tasks.batches import BatchStore, job_id_for
 from vmcraft_tasks.jobs import JobStore
-from vmcraft_tasks.migration import current_start_id, finish_vm, requeue_vm, send_vm
+from vmcraft_tasks.migration import current_start_id, requeue_vm, send_vm
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
-from worker import keys
 from worker.broker import Broker
+from worker.ending import end_vm
 from worker.registry import HostStatus, list_hosts, server_time
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class BatchWatchdog:
                     # The VM's own last step may be accounting for it right now: step
                     # in only once it has been over for a while.
                     if now - _ended_at(self.client, job_id, status) > ACCOUNT_AFTER_S:
-                        finish_vm(self.app, self.client, batch, vm_id)
+                        end_vm(self.app, self.client, job_id, "ended")
                         report.accounted.append(job_id)
                     continue
                 if status == jobs.QUEUED:
@@ -175,9 +175,8 @@ class BatchWatchdog:
             f"host {host} went offline while the VM was {status} ({silent}); its disk "
             "stays attached there until that host's worker restarts and releases it"
         )
-        if job_store.fail(job_id, reason):
+        if end_vm(self.app, self.client, job_id, "failed", reason=reason):
             report.failed.append(job_id)
-            finish_vm(self.app, self.client, batch, vm_id)
 
     def _start_messages(self, hosts: dict[str, HostStatus]) -> set[str]:
         """Task ids of every start message that exists somewhere right now."""
@@ -219,7 +218,7 @@ class BatchWatchdog:
 
 
 def _ended_at(client: redis.Redis, job_id: str, status: str) -> float:
-    raw = client.hget(jobs.JOB_PREFIX + job_id, f"at:{status}")
+    raw = client.hget(keys.job_key(job_id), f"at:{status}")
     try:
         return float(raw) if raw is not None else 0.0
     except ValueError:

@@ -23,7 +23,7 @@ import yaml
 from tests import leaks
 from vmcraft_tasks.craft.boot import BootDisk, BootLimits, BootSpec, Reason, boot_check
 from vmcraft_tasks.samples.bootable import BootableImage
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(1800)]
 

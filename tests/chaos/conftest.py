@@ -23,15 +23,17 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from redis import Redis
 
 from scheduler.batch import BatchStatus, batch_status, submit_batch
 from scheduler.submit import FleetClient
 from tests import leaks
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from vmcraft_tasks.embedded.fleet import Fleet, kill_group
 from vmcraft_tasks.embedded.redis import ManagedRedis
-from vmcraft_tasks.samples.imagebuild import sha256_file
-from worker import keys, procs
+from vmcraft_tasks.samples.toolkit import sha256_file
+from worker import procs
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
 
@@ -61,8 +63,8 @@ class Chaos:
     figures: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def state(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url(0))
+    def state(self) -> Redis:  # `redis` here is the field, not the module
+        return redis.Redis.from_url(self.redis.url(0), decode_responses=True)
 
     # -- batches -------------------------------------------------------------------
 
@@ -107,8 +109,9 @@ class Chaos:
         self, batch: str, *, host: str | None = None, status: str | None = None
     ) -> list[str]:
         found = []
-        for vm in self.client.state.lrange(f"vmcraft:v1:batch:{batch}:vms", 0, -1):
-            job_id = f"{batch}.{vm.decode()}"
+        vm_ids: list[str] = self.client.state.lrange(keys.batch_vms_key(batch), 0, -1)  # type: ignore[assignment]
+        for vm in vm_ids:
+            job_id = f"{batch}.{vm}"
             with contextlib.suppress(KeyError):
                 record = self.client.jobs.get(job_id)
                 if (host is None or record.host == host) and (

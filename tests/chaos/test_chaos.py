@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.conftest import HOSTS, Chaos, checksums
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
-from worker import keys, procs
+from worker import procs
 from worker.registry import list_hosts
 from worker.semaphore import RedisSemaphore
 
@@ -119,7 +120,8 @@ def test_kill_9_during_mounts_fails_the_attached_vms_and_the_batch_ends(
     c.assert_every_failure_has_a_reason(status)
     for vm in status.vms:
         if f"{batch}.{vm.vm_id}" in attached:
-            assert vm.status == "failed" and "died while the VM was in flight" in vm.error
+            assert vm.status == "failed" and vm.error is not None
+            assert "died while the VM was in flight" in vm.error
     assert [vm for vm in status.vms if vm.status == "done"], status.to_dict()
     c.figures["failed"] = sorted(vm.vm_id for vm in status.vms if vm.status == "failed")
     c.assert_nothing_left(tmp_path / "mountkill")
@@ -155,7 +157,9 @@ def test_kill_9_of_a_host_that_stays_down_the_watchdog_ends_or_requeues_its_vms(
     c.assert_every_failure_has_a_reason(status)
     states = {f"{batch}.{vm.vm_id}": vm for vm in status.vms}
     for job in attached:
-        assert states[job].status == "failed" and "host h1 went offline" in states[job].error
+        error = states[job].error
+        assert states[job].status == "failed" and error is not None
+        assert "host h1 went offline" in error
     for job in converting:
         # It held no disk: it was converted again on another host.
         assert states[job].status == "done" and states[job].host in ("h2", "h3"), states[job]
@@ -426,6 +430,7 @@ def test_xfs_clones_mount_at_once_with_their_logs_replayed(chaos, dirty_xfs_raw,
     windows = []
     for vm in status.vms:
         record = c.client.jobs.get(f"{batch}.{vm.vm_id}")
+        assert record.result is not None
         (mount,) = [m for m in record.result["mounts"].values() if m["fstype"] == "xfs"]
         assert mount["ok"] and mount["strategy"] == "normal", mount
         assert "nouuid" in mount["options"] and "rw" in mount["options"], mount

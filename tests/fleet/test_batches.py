@@ -14,9 +14,10 @@ import yaml
 from scheduler.batch import batch_status, cancel_batch, resume_batch, submit_batch
 from scheduler.submit import FleetClient
 from scheduler.watch import watch_batch
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_mixed_batch_converts_fixes_reports_and_keeps_sources(
         "gone07": str(tmp_path / "nowhere" / "gone07.vmdk"),
     }
     sums = {vm: sha256_file(p) for vm, p in sources.items() if os.path.exists(p)}
-    vms = [{"id": vm, "disks": [path]} for vm, path in sources.items()]
+    vms: list[dict[str, object]] = [{"id": vm, "disks": [path]} for vm, path in sources.items()]
     vms[1]["options"] = {"os": "none"}
     manifest = write_manifest(tmp_path, {"batch": "mixed", "vms": vms})
     batch = submit_batch(client, manifest)
@@ -143,14 +144,44 @@ def test_priority_orders_vms_and_the_batch_limit_holds(client, tmp_path, linux_g
         vm.vm_id: client.jobs.get(f"ordered.{vm.vm_id}").timestamps["converting"]
         for vm in status.vms
     }
-    assert sorted(started, key=started.get) == ["vm1", "vm2", "vm0"]
+    assert sorted(started, key=lambda vm: started[vm]) == ["vm1", "vm2", "vm0"]
     ended = {
         vm.vm_id: client.jobs.get(f"ordered.{vm.vm_id}").timestamps["done"] for vm in status.vms
     }
     # max_parallel 1: each VM started after the previous one finished.
-    order = sorted(started, key=started.get)
+    order = sorted(started, key=lambda vm: started[vm])
     for earlier, later in itertools.pairwise(order):
         assert started[later] >= ended[earlier]
+
+
+def test_max_per_host_holds_a_host_to_that_many_vms_of_the_batch(client, tmp_path, linux_gpt_raw):
+    """h1 could run two VMs at once (concurrency 2, two slots); the batch allows one."""
+    vms = [
+        {"id": f"m{i}", "disks": [linux_gpt_raw.path], "options": {"host": "h1", "os": "none"}}
+        for i in range(4)
+    ]
+    manifest = write_manifest(
+        tmp_path, {"batch": "perhost", "limits": {"max_per_host": 1}, "vms": vms}
+    )
+    batch = submit_batch(client, manifest)
+    status = wait_finished(client, batch)
+    assert {(vm.status, vm.host) for vm in status.vms} == {("done", "h1")}
+    spans = sorted(
+        (record.timestamps["converting"], record.timestamps["done"])
+        for record in (client.jobs.get(f"perhost.{vm.vm_id}") for vm in status.vms)
+    )
+    for (_, earlier_end), (later_start, _) in itertools.pairwise(spans):
+        assert later_start >= earlier_end, spans
+    # A VM that found the host's place taken waited (a retry), it did not fail.
+    retried = [
+        s
+        for vm in status.vms
+        for s in client.jobs.steps(f"perhost.{vm.vm_id}")
+        if s["outcome"] == "retry"
+    ]
+    assert retried, "no VM ever waited for the host's place: the limit was not exercised"
+    # Every place was given back: nothing of the batch is held on h1.
+    assert client.state.smembers(keys.batch_host_key("perhost", "h1")) == set()
 
 
 def test_cancel_then_resume_runs_only_what_did_not_finish(client, tmp_path, twenty_parts_raw):

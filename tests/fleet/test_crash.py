@@ -7,10 +7,10 @@ import time
 
 from scheduler.submit import FleetClient
 from tests import leaks
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.helpers import AttachResources, process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
 from vmcraft_tasks.embedded.fleet import kill_group
-from worker import keys
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
 
@@ -33,6 +33,7 @@ def test_kill_9_mid_vm_then_restart_leaves_nothing_and_fails_the_vm(
             time.sleep(0.05)
         (state_dir,) = attach_state_dirs(host_dir)
         res = AttachResources.load(state_dir)
+        assert res.qemu_nbd_pid is not None and res.nbdfuse_pid is not None
         assert process_alive(res.qemu_nbd_pid) and res.loop_devices
 
         killed = fleet.kill9("h1")
@@ -44,6 +45,7 @@ def test_kill_9_mid_vm_then_restart_leaves_nothing_and_fails_the_vm(
         fleet.wait_online(["h1"])
         record = client.wait(job, timeout_s=30)
         assert record.status == "failed"
+        assert record.error is not None
         assert "died while the VM was in flight" in record.error
         assert attach_state_dirs(host_dir) == []
         assert not process_alive(res.qemu_nbd_pid) and not process_alive(res.nbdfuse_pid)

@@ -9,11 +9,13 @@ import sys
 import time
 
 import pytest
-from kombu import Connection, Exchange, Producer
+
+# kombu re-exports these lazily, so mypy cannot see them on the package itself.
+from kombu import Connection, Exchange, Producer  # type: ignore[attr-defined]
 
 from scheduler.submit import FleetClient
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
-from worker import keys
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
 from worker.timeline import intervals, max_overlap
@@ -71,7 +73,7 @@ def test_ten_vms_pinned_limited_and_clean(
         steps = [s for s in client.jobs.steps(job) if s["outcome"] != "retry"]
         assert {s["outcome"] for s in steps} <= {"done", "replaced"}
         names = [s["task"] for s in steps]
-        assert names[0] == "vmcraft.vm.attach" and names[-1] == "vmcraft.vm.detach"
+        assert names[0] == "vmcraft.vm.attach" and names[-1] == "vmcraft.vm.finalize"
         assert {s["host"] for s in steps} == {host}
         # The chord had one header task per mountable partition.
         mountable = [f for f in record.result["filesystems"] if f["type"] not in (None, "swap")]

@@ -83,16 +83,17 @@ def test_flower_shows_workers_and_a_finished_task(fleet_factory, overlay, linux_
         # The VM's task id ends up naming its last step: each step replaces itself
         # with the rest of the workflow, and the result follows.
         info = wait_for(finished_task, 30, "the VM's finished task")
-        assert info["name"] == "vmcraft.vm.detach"
+        assert info["name"] == "vmcraft.vm.finalize"
         assert info["worker"].split("@")[0] == record.host
         tasks = get_json(f"{base}/api/tasks?limit=500")
         # Every step of the VM shares the workflow's root: the first task's id.
         mine = [t for t in tasks.values() if t.get("root_id") == attach_id]
-        # attach and scan replaced themselves: their id lives on in the final detach.
+        # attach and scan replaced themselves: their id lives on in the final step.
         assert {t["name"] for t in mine} >= {
             "vmcraft.vm.mount_partition",
             "vmcraft.vm.inspect",
             "vmcraft.vm.detach",
+            "vmcraft.vm.finalize",
         }
         assert {t["worker"].split("@")[0] for t in mine} == {record.host}
         assert all(t["state"] == "SUCCESS" for t in mine)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from typing import Any
 
 import pytest
 
 from scheduler.submit import FleetClient
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.models.job import JobRecord
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def host_file(roots, linux_gpt_raw):
     path.unlink()
 
 
-def _send(client, task, message, job_id):
+def _send(client: FleetClient, task: str, message: dict[str, Any], job_id: str) -> JobRecord:
     client.jobs.create(job_id, str(message.get("image", "-")))
     client.app.send_task(task, args=[message], queue="vmcraft.intake", task_id=f"{job_id}-x")
     return client.jobs.wait(job_id, timeout_s=30)
@@ -59,6 +61,7 @@ def test_an_inspection_outside_the_image_roots_is_refused(client, host_file):
     before = sha256_file(host_file)
     record = _send(client, "vmcraft.vm.attach", {"job_id": "j1", "image": host_file}, "j1")
     assert record.status == "failed"
+    assert record.error is not None
     assert (
         "outside the allowed image roots" in record.error and "refused by host h1" in record.error
     )
@@ -72,7 +75,8 @@ def test_write_mode_cannot_be_asked_for_by_a_message(client, roots, linux_gpt_ra
     before = sha256_file(str(inside))
     message = {"job_id": "j2", "image": str(inside), "readonly": False}
     record = _send(client, "vmcraft.vm.attach", message, "j2")
-    assert record.status == "failed" and "an inspection attaches read-only" in record.error
+    assert record.status == "failed" and record.error is not None
+    assert "an inspection attaches read-only" in record.error
     assert sha256_file(str(inside)) == before
 
 
@@ -93,10 +97,12 @@ def test_a_plan_in_the_message_is_not_a_plan(client, host_file):
         },
     }
     record = _send(client, "vmcraft.vm.attach", forged, "evil.vm1")
-    assert record.status == "failed" and "no batch 'evil' on this fleet" in record.error
+    assert record.status == "failed" and record.error is not None
+    assert "no batch 'evil' on this fleet" in record.error
     start = {**forged, "job_id": "evil.vm2", "vm_id": "vm2"}
     record = _send(client, "vmcraft.vm.start", start, "evil.vm2")
-    assert record.status == "failed" and "no batch 'evil' on this fleet" in record.error
+    assert record.status == "failed" and record.error is not None
+    assert "no batch 'evil' on this fleet" in record.error
     assert sha256_file(host_file) == before
 
 

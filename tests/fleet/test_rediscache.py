@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.cache import KIND_BLKID, KIND_PARTITIONS, cache_key
 from vmcraft_tasks.craft.errors import VMCraftError
@@ -21,7 +22,7 @@ from vmcraft_tasks.embedded.redis import free_port
 from vmcraft_tasks.rediscache import CacheUnavailableError, RedisScanCache
 
 PROJECT = Path(__file__).resolve().parents[2]
-NS = "vmcraft:cache:v1"
+NS = keys.CACHE_NAMESPACE
 VALUE = {"TYPE": "ext4", "UUID": "0b0e", "parts": [1, 2, {"n": None, "ok": True}], "f": 1.5}
 
 

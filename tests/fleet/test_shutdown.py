@@ -7,9 +7,9 @@ import signal
 import time
 
 from scheduler.submit import FleetClient
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.helpers import AttachResources, process_alive
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
-from worker import keys
 from worker.leases import SlotLeases
 from worker.registry import list_hosts
 from worker.semaphore import RedisSemaphore
@@ -30,6 +30,7 @@ def test_warm_shutdown_detaches_what_is_still_attached(fleet_factory, overlay, l
         time.sleep(0.3)  # the only pool process is now waiting inside the first mount step
         (state_dir,) = attach_state_dirs(os.path.join(fleet.work_root, "h1"))
         res = AttachResources.load(state_dir)
+        assert res.qemu_nbd_pid is not None and res.nbdfuse_pid is not None
         worker = fleet.hosts["h1"]
         worker.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -41,6 +42,7 @@ def test_warm_shutdown_detaches_what_is_still_attached(fleet_factory, overlay, l
     record = client.jobs.get(job)
     client.close()
     assert record.status == "failed"
+    assert record.error is not None
     assert "host h1 shut down while the VM was in flight" in record.error
     assert not os.path.exists(state_dir)
     assert not process_alive(res.qemu_nbd_pid) and not process_alive(res.nbdfuse_pid)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from scheduler.submit import FleetClient
+from vmcraft_tasks import keys
 from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
-from worker import keys
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore
 
@@ -25,7 +25,8 @@ def test_mount_step_that_cannot_get_a_place_fails_the_vm_and_detaches(
         blocker.release("test-blocker")
         client.close()
     assert record.status == "failed"
+    assert record.error is not None
     assert "vmcraft.vm.mount_partition failed on host h1" in record.error
-    assert "LimitReached: vmcraft:v1:host:{h1}:sem:mounts: all 1 places taken" in record.error
+    assert f"LimitReached: {keys.semaphore_key('h1', 'mounts')}: all 1 places taken" in record.error
     assert attach_state_dirs(os.path.join(fleet.work_root, "h1")) == []
     assert SlotLeases(state, "h1", 4, 5).held() == {}

@@ -19,7 +19,7 @@ from vmcraft_tasks.craft.nbd.helpers import process_alive
 from vmcraft_tasks.craft.retry import RetryPolicy
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 
 @pytest.mark.parametrize(

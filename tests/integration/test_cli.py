@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 
 def vmcraft(*args: str, work_dir: str) -> subprocess.CompletedProcess[str]:

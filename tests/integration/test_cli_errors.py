@@ -31,10 +31,11 @@ from scheduler.batch import BatchError, BatchNotFoundError
 from scheduler.manifest import load_manifest
 from scheduler.submit import BrokerUnavailableError, FleetClient
 from scheduler.watch import watch_batch
+from vmcraft_tasks import keys
 from vmcraft_tasks.batches import BatchStore, job_id_for
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.embedded.redis import free_port
-from vmcraft_tasks.jobs import JOB_PREFIX, JobStore
+from vmcraft_tasks.jobs import JobStore
 
 SECRET = "s3cret-Pw-0123456789abcdefXYZ"
 BATCH_COMMANDS = ("status", "watch", "cancel", "resume", "report")
@@ -118,7 +119,7 @@ class AuthRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url())
+        return redis.Redis.from_url(self.url(), decode_responses=True)
 
     def stop(self) -> None:
         """SIGTERM: Redis writes its append-only file and exits."""
@@ -196,7 +197,7 @@ def fleet_client(url: str) -> FleetClient:
 def record_batch(url: str, images: Path, *, drop_job: str | None = None) -> None:
     """Batch b1 as `submit` records it (without a worker to start it: both VMs are
     taken out of line), optionally with one VM's job record gone."""
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, decode_responses=True)
     try:
         plan = load_manifest(str(images / "batch.yaml"))
         store, jobs = BatchStore(client), JobStore(client)
@@ -205,7 +206,7 @@ def record_batch(url: str, images: Path, *, drop_job: str | None = None) -> None
             jobs.create(job_id_for(plan.batch, vm.id), vm.disks[0].source, batch=plan.batch)
             store.drop_vm(plan.batch, vm.id)
         if drop_job:
-            assert client.delete(JOB_PREFIX + job_id_for(plan.batch, drop_job)) == 1
+            assert client.delete(keys.job_key(job_id_for(plan.batch, drop_job))) == 1
     finally:
         client.close()
 
@@ -337,7 +338,7 @@ def test_resume_runs_again_a_vm_whose_record_is_gone(images, redis_url, private_
     proc = cli(redis_url, "resume", "b1", work_dir=private_work_dir)
     assert proc.returncode == 0, proc.stderr
     assert "web02" in proc.stdout
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert JobStore(client).get(job_id_for("b1", "web02")).status == "queued"
     client.close()
 

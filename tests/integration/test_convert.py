@@ -27,7 +27,7 @@ from vmcraft_tasks.craft.errors import (
     ImagePolicyError,
 )
 from vmcraft_tasks.craft.settings import CraftSettings
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 pytestmark = pytest.mark.integration
 

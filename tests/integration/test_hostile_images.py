@@ -47,7 +47,7 @@ from vmcraft_tasks.craft.imagecheck import FileIdentity, check_image
 from vmcraft_tasks.craft.images import probe_image
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 pytestmark = pytest.mark.integration
 

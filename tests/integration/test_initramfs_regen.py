@@ -30,7 +30,7 @@ from vmcraft_tasks.craft.fixes.initramfs_regen import (
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.samples.bootable import BootableImage
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 # The first run may have to build the shared guest (debootstrap, a few minutes).
 pytestmark = pytest.mark.timeout(1800)

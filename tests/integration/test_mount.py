@@ -14,7 +14,7 @@ from vmcraft_tasks.craft.mount.plan import (
 )
 from vmcraft_tasks.craft.nbd.helpers import process_alive
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 
 def read(path: str) -> str:

@@ -24,7 +24,7 @@ from vmcraft_tasks.craft.convert import TEMP_INFIX, convert_image
 from vmcraft_tasks.craft.images import disk_identity
 from vmcraft_tasks.jobs import JobRecord
 from vmcraft_tasks.outfiles import ForeignFileError, OutputNameError, OutputPathError
-from vmcraft_tasks.samples.imagebuild import sha256_file
+from vmcraft_tasks.samples.toolkit import sha256_file
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.cache import InProcessTTLCache
 from vmcraft_tasks.craft.errors import ReadOnlyError, VMCraftError
 from vmcraft_tasks.craft.vmcraft import VMCraft
-from vmcraft_tasks.samples.imagebuild import copy_image, sha256_file
+from vmcraft_tasks.samples.toolkit import copy_image, sha256_file
 
 
 @pytest.fixture

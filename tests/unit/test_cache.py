@@ -33,6 +33,7 @@ def test_caller_cannot_mutate_cached_value():
     key = cache_key("disk-a", 0, KIND_PARTITIONS)
     cache.set(key, [{"number": 1}], ttl_s=60)
     got = cache.get(key, KIND_PARTITIONS)
+    assert got is not None
     got[0]["number"] = 99
     assert cache.get(key, KIND_PARTITIONS) == [{"number": 1}]
 

@@ -1,3 +1,6 @@
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
 from vmcraft_tasks.celery_app import celery_config
@@ -41,7 +44,7 @@ def test_celery_config_is_json_only_acks_late_and_consistent():
     assert conf["task_default_queue"] == INTAKE_QUEUE
 
 
-def _all_signatures(sig):
+def _all_signatures(sig: Any) -> Iterator[Any]:  # Celery signatures carry no types
     yield sig
     for child in getattr(sig, "tasks", None) or []:
         yield from _all_signatures(child)

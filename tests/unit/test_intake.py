@@ -1,3 +1,6 @@
+from pathlib import Path
+from typing import Any
+
 import pytest
 import yaml
 
@@ -5,7 +8,7 @@ from scheduler.intake import is_vm_image_problem, load_for_run
 from scheduler.manifest import ManifestError, Problem
 
 
-def _manifest(tmp_path, vms):
+def _manifest(tmp_path: Path, vms: list[dict[str, Any]]) -> str:
     path = tmp_path / "b.yaml"
     path.write_text(yaml.safe_dump({"batch": "b1", "vms": vms}))
     return str(path)

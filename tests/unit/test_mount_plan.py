@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import pytest
 
 from vmcraft_tasks.craft.mount.parallel import mount_waves, nearest_parent
@@ -6,6 +8,7 @@ from vmcraft_tasks.craft.mount.plan import (
     STRATEGY_NORECOVERY,
     STRATEGY_NORMAL,
     STRATEGY_NTFS_FORCE,
+    MountStrategy,
     default_options,
     parse_modules_list,
     parse_proc_filesystems,
@@ -17,7 +20,7 @@ HOST_WITHOUT_VFAT_NTFS3 = {"ext4", "ext3", "ext2", "xfs", "btrfs", "fuseblk", "f
 HOST_WITH_ALL = HOST_WITHOUT_VFAT_NTFS3 | {"vfat", "ntfs3"}
 
 
-def names(strategies):
+def names(strategies: Sequence[MountStrategy]) -> list[str]:
     return [s.name for s in strategies]
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import pytest
 
 from vmcraft_tasks import policy
+from vmcraft_tasks.batches import BatchStore
 
 
 def test_inspection_requests_are_read_only_and_inside_the_roots(tmp_path):
@@ -24,7 +28,7 @@ def test_a_message_must_name_a_valid_job(job_id):
         policy.job_id_of({"job_id": job_id})
 
 
-def _marker(job_id):
+def _marker(job_id: str) -> Callable[[str], dict[str, str]]:
     return lambda _path: {"job_id": job_id}
 
 
@@ -47,19 +51,20 @@ def test_state_dirs_must_be_this_hosts_and_this_jobs(tmp_path):
 
 
 class FakeStore:  # FAKE: the batch record as BatchStore would return it
-    def __init__(self, plan):
+    def __init__(self, plan: dict[str, Any]) -> None:
         self._plan = plan
 
-    def exists(self, batch):
-        return batch == self._plan["batch"]
+    def exists(self, batch: str) -> bool:
+        return bool(batch == self._plan["batch"])
 
-    def plan(self, batch):
+    def plan(self, batch: str) -> dict[str, Any]:
         return self._plan
 
 
 def test_the_plan_comes_from_the_batch_record_and_is_checked_against_the_roots(tmp_path):
     vm = {"id": "vm1", "disks": [{"source": "/data/in/a.vmdk", "target": "/out/b/vm1-disk0.qcow2"}]}
-    store = FakeStore({"batch": "b", "vms": [vm]})
+    # The fake has the two methods trusted_plan uses; it stands in for a BatchStore.
+    store = cast(BatchStore, FakeStore({"batch": "b", "vms": [vm]}))
     message = {"job_id": "b.vm1", "batch": "b", "vm_id": "vm1", "plan": {"id": "forged"}}
     got = policy.trusted_plan(store, message, image_roots=["/data"], output_roots=["/out"])
     assert got == vm

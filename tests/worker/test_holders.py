@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from vmcraft_tasks.jobs import JOB_PREFIX, JobStore
-from worker import keys, procs
+from vmcraft_tasks import keys
+from vmcraft_tasks.jobs import JobStore
+from worker import procs
 from worker.leases import SlotLeases
 from worker.semaphore import RedisSemaphore, WaitStopped
 from worker.steps import COMPLETED, Holder, StepLedger, StepRecord, holding, step_key
@@ -26,7 +27,7 @@ KEY = keys.semaphore_key(HOST, "conversions")
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
     yield c
     c.close()
 
@@ -73,7 +74,7 @@ def test_a_place_records_its_holder_and_only_that_holder_is_evicted(client):
     assert not sem.evict("job-1:0", dead)
     assert sem.evict("job-2:0", dead)
     assert sem.holders() == ["job-1:0"]
-    assert client.hkeys(sem.holders_key) == [b"job-1:0"]
+    assert client.hkeys(sem.holders_key) == ["job-1:0"]
     assert sem.release("job-1:0")
     assert client.exists(sem.holders_key) == 0
 
@@ -94,7 +95,7 @@ def test_expired_places_take_their_holder_records_along(client):
     assert sem.try_acquire("old", _me())
     time.sleep(0.3)
     assert sem.try_acquire("new", _me("t2"))
-    assert client.hkeys(sem.holders_key) == [b"new"]
+    assert client.hkeys(sem.holders_key) == ["new"]
 
 
 def test_a_waiter_stops_waiting_when_asked(client):
@@ -138,7 +139,7 @@ def test_writes_never_bring_back_a_record_redis_lost(client):
     assert not jobs.fail("gone", "a reason")
     assert not jobs.set_progress("gone", mounted=1)
     assert jobs.bump_progress("gone", "mounted") == 0
-    assert client.exists(JOB_PREFIX + "gone") == 0
+    assert client.exists(keys.job_key("gone")) == 0
     assert jobs.status_and_host("gone") == (None, None)
 
 
@@ -153,7 +154,7 @@ def test_a_fresh_attempt_starts_from_a_fresh_record_and_done_carries_no_error(cl
     assert record.status == "queued" and record.error is None and record.progress == {}
     assert record.host is None and "failed" not in record.timestamps
     # Even when a stale error is in the record, `done` drops it.
-    client.hset(JOB_PREFIX + "j", "error", "stale")
+    client.hset(keys.job_key("j"), "error", "stale")
     assert jobs.transition("j", "done", result={"ok": True})
     assert jobs.get("j").error is None
 
@@ -192,7 +193,8 @@ def test_the_ledger_tells_running_from_done_and_keys_by_step(tmp_path: Path):
     assert ledger.completed("vmcraft.vm.scan", "tid", 0) is None
     ledger.end(scan, "replaced")
     assert ledger.running() == []
-    assert ledger.completed("vmcraft.vm.scan", "tid", 0).outcome == "replaced"
+    done = ledger.completed("vmcraft.vm.scan", "tid", 0)
+    assert done is not None and done.outcome == "replaced"
     # `replace()` hands the task id to the next step: another step, another record.
     assert ledger.completed("vmcraft.vm.mount_partition", "tid", 0) is None
     assert ledger.completed("vmcraft.vm.scan", "tid", 1) is None
@@ -209,7 +211,8 @@ def test_a_step_whose_process_died_is_marked_died_not_completed(tmp_path: Path):
     ledger.mark_died(running)
     assert ledger.running() == []
     assert ledger.completed(record.task, record.task_id, 0) is None
-    assert ledger.previous(record.task, record.task_id, 0).outcome == "died"
+    previous = ledger.previous(record.task, record.task_id, 0)
+    assert previous is not None and previous.outcome == "died"
     assert "died" not in COMPLETED
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker import keys
+from vmcraft_tasks import keys
 from worker.leases import HOST_SLOTS_LOCK, Lease, SlotLeases
 
 HOST = "conv-01"
@@ -22,7 +22,7 @@ HOST = "conv-01"
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
     yield c
     c.close()
 
@@ -89,7 +89,7 @@ def test_eight_threads_race_for_four_slots(
 
 
 def _race_in_process(url: str, index: int, start: Any, out: Any) -> None:
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, decode_responses=True)
     leases = SlotLeases(client, HOST, slots=4, ttl_s=5)
     start.wait(10)
     won = []
@@ -178,9 +178,9 @@ def test_refresh_only_the_given_owners(client: redis.Redis) -> None:
 def test_keys_are_namespaced_and_hold_no_device(client: redis.Redis) -> None:
     leases = SlotLeases(client, HOST, slots=2, ttl_s=5)
     leases.acquire("a")
-    stored = [k.decode() for k in client.keys("*") if isinstance(k, bytes)]
+    stored = [str(k) for k in client.keys("*")]
     assert stored == [keys.slot_key(HOST, 0)]
-    assert stored[0].startswith(keys.NAMESPACE)
+    assert stored[0].startswith(keys.PREFIX)
     assert "/dev" not in stored[0]
     with pytest.raises(keys.KeyPartError):
         keys.slot_key("/dev/nbd0", 0)

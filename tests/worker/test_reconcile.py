@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.celery_app import celery_config, create_app
 from vmcraft_tasks.config import FleetSettings
 from vmcraft_tasks.jobs import JobStore
-from worker import conversions, keys, procs
+from worker import conversions, procs
 from worker.broker import UNACKED, UNACKED_INDEX, Broker, job_id_of
 from worker.reconcile import BEAT, START, STOP, Reconciler
 from worker.runtime import HostRuntime
@@ -59,7 +60,7 @@ def _take(client: redis.Redis, queue: str, tag: str, delivered_at: float) -> Non
     """Move the message at the head of `queue` into kombu's unacked structures, as a
     worker taking it (BRPOP + QoS.append) would."""
     raw = client.rpop(queue)
-    assert raw is not None
+    assert isinstance(raw, str)
     payload = json.loads(raw)
     exchange = payload["properties"]["delivery_info"].get("exchange", "")
     client.hset(UNACKED, tag, json.dumps([payload, exchange, queue]))
@@ -194,7 +195,8 @@ def test_a_vm_with_no_step_and_no_message_is_failed_after_the_grace_period(rt):
     report = reconciler.run(BEAT)
     assert report.failed_jobs == ["b.lost"]
     record = JobStore(rt.state).get("b.lost")
-    assert record.status == "failed" and "no step of the VM is running or queued" in record.error
+    assert record.status == "failed" and record.error is not None
+    assert "no step of the VM is running or queued" in record.error
     assert rt.leases.held() == {} and rt.leases.local_owners() == []
 
 
@@ -212,7 +214,8 @@ def test_at_stop_a_vm_without_a_disk_is_handed_back_or_failed(rt):
     report = Reconciler(rt).run(STOP, reason=f"host {HOST} shut down while the VM was in flight")
     # Not a batch VM: nothing to hand it back to; it fails with the reason.
     assert report.failed_jobs == ["plain"]
-    assert "shut down while the VM was in flight" in JobStore(rt.state).get("plain").error
+    error = JobStore(rt.state).get("plain").error
+    assert error is not None and "shut down while the VM was in flight" in error
 
 
 def test_a_lease_redis_lost_is_taken_back_while_the_vm_lives_here(app, rt):
@@ -326,7 +329,7 @@ def test_restoring_unacked_messages_on_a_torn_down_channel_does_not_crash(redis_
     with Connection(redis_url, transport=Transport) as conn:
         channel = conn.channel()
         qos = channel.qos
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
         client.hset(UNACKED, "tag-x", json.dumps([{"headers": {}}, "", "vmcraft.intake"]))
         qos._delivered["tag-x"] = object()
         # What a broker restart can leave: a channel whose connection is gone.
@@ -360,7 +363,7 @@ def test_only_requests_the_ledger_agrees_with_are_evidence_of_life(rt):
     )
     rt.ledger.begin(ended)
     rt.ledger.end(ended, "replaced")
-    held = [
+    held: list[tuple[str, str, int, str | None]] = [
         ("r-1", "vmcraft.vm.scan", 0, "b.vm"),  # ended: Celery kept a stale request
         ("r-2", "vmcraft.vm.mount_partition", 0, "b.other"),  # prefetched, not started
     ]

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import redis
 
+from vmcraft_tasks import keys
 from vmcraft_tasks.config import FleetSettings
-from worker import keys
 from worker.leases import SlotLeases
 from worker.registry import (
     Heartbeat,
@@ -35,7 +35,7 @@ INFO = HostInfo(
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
     yield c
     c.close()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker import keys
+from vmcraft_tasks import keys
 from worker.semaphore import LimitReached, RedisSemaphore
 from worker.timeline import intervals, max_overlap, record_interval
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
     yield c
     c.close()
 
@@ -96,7 +96,7 @@ def test_place_of_a_dead_process_comes_back(client: redis.Redis, redis_url: str)
     code = (
         "import os, redis\n"
         "from worker.semaphore import RedisSemaphore\n"
-        f"c = redis.Redis.from_url({redis_url!r})\n"
+        f"c = redis.Redis.from_url({redis_url!r}, decode_responses=True)\n"
         f"assert RedisSemaphore(c, {KEY!r}, limit=1, ttl_s=0.5).try_acquire('doomed')\n"
         "os._exit(0)\n"
     )

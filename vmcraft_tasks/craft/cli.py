@@ -16,19 +16,8 @@ from vmcraft_tasks.craft.textsafe import for_terminal
 from vmcraft_tasks.craft.vmcraft import VMCraft
 
 
-def _sample_image() -> str:
-    # Imported here: the sample builder is only needed for this one option.
-    from vmcraft_tasks.samples import imagebuild
-
-    built = imagebuild.linux_gpt_raw()
-    print(f"sample image: {built.path}", file=sys.stderr)
-    return built.path
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if args.sample == (args.image is not None):
-        raise SystemExit("vmcraft inspect: give either IMAGE or --sample")
-    image = _sample_image() if args.sample else args.image
+    image = args.image
     started = time.perf_counter()
     settings = CraftSettings(backend=args.backend)
     with VMCraft(image, settings=settings) as g:
@@ -46,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="inspect a disk image read-only")
-    inspect.add_argument("image", nargs="?")
     inspect.add_argument(
-        "--sample", action="store_true", help="build (once) and inspect a sample Linux disk"
+        "image", help="a disk image (sample disks: `vmcraft-samples build linux_gpt_raw`)"
     )
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--backend", choices=BACKENDS, default="auto")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vmcraft_tasks.craft.errors import InspectError
+from vmcraft_tasks.craft.images import ImageInfo
 from vmcraft_tasks.craft.inspect import inspect_root, looks_like_os_root
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.mount.ladder import MountResult
@@ -14,8 +16,29 @@ from vmcraft_tasks.craft.mount.plan import UNMOUNTABLE_TYPES
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem, filesystem_from_blkid
 
-if TYPE_CHECKING:
-    from vmcraft_tasks.craft.vmcraft import VMCraft
+
+class AttachedGuest(Protocol):
+    """What inspection needs of an attached disk (the `VMCraft` facade is one); a
+    protocol, so the facade can call inspection without a circle between them."""
+
+    @property
+    def image(self) -> ImageInfo: ...
+    @property
+    def disk_device(self) -> str: ...
+    @property
+    def attach_attempts(self) -> int: ...
+    @property
+    def backend_name(self) -> str: ...
+    @property
+    def readonly(self) -> bool: ...
+    def list_partitions(self, use_cache: bool = True) -> list[Partition]: ...
+    def filesystems(self, use_cache: bool = True) -> list[Filesystem]: ...
+    def device(self, partition_number: int) -> str: ...
+    def blkid(self, device: int | str, use_cache: bool = True) -> dict[str, str]: ...
+    def private_mountpoint(self, name: str) -> str: ...
+    def mount_all_parallel(
+        self, devices: Sequence[tuple[int | str, str]], max_workers: int = 4
+    ) -> dict[str, MountResult]: ...
 
 
 @dataclass
@@ -47,7 +70,7 @@ class DiskReport:
 WHOLE_DISK = 0  # the "partition number" of a filesystem written straight onto the disk
 
 
-def _whole_disk_filesystem(g: VMCraft) -> list[Filesystem]:
+def _whole_disk_filesystem(g: AttachedGuest) -> list[Filesystem]:
     """A disk without a partition table is either one filesystem or not a disk image."""
     tags = g.blkid(g.disk_device)
     if not tags.get("TYPE"):
@@ -58,7 +81,7 @@ def _whole_disk_filesystem(g: VMCraft) -> list[Filesystem]:
     return [filesystem_from_blkid(WHOLE_DISK, tags)]
 
 
-def _device(g: VMCraft, number: int) -> str:
+def _device(g: AttachedGuest, number: int) -> str:
     return g.disk_device if number == WHOLE_DISK else g.device(number)
 
 
@@ -66,17 +89,17 @@ def mountable(fs: Filesystem) -> bool:
     return fs.type is not None and fs.type not in UNMOUNTABLE_TYPES
 
 
-def scan(g: VMCraft) -> tuple[list[Partition], list[Filesystem]]:
+def scan(g: AttachedGuest) -> tuple[list[Partition], list[Filesystem]]:
     """Partitions and filesystems of the disk (a bare filesystem counts as partition 0)."""
     parts = g.list_partitions()
     return parts, g.filesystems() if parts else _whole_disk_filesystem(g)
 
 
-def private_mountpoint(g: VMCraft, number: int) -> str:
+def private_mountpoint(g: AttachedGuest, number: int) -> str:
     return g.private_mountpoint(f"p{number}")
 
 
-def mount_device(g: VMCraft, number: int) -> str:
+def mount_device(g: AttachedGuest, number: int) -> str:
     return _device(g, number)
 
 
@@ -96,7 +119,7 @@ def describe_filesystems(
 
 
 def find_roots(
-    g: VMCraft,
+    g: AttachedGuest,
     partitions: list[Partition],
     filesystems: list[Filesystem],
     mounts: dict[int, MountResult],
@@ -117,7 +140,7 @@ def find_roots(
     return roots
 
 
-def inspect_disk(g: VMCraft, *, max_workers: int = 4) -> DiskReport:
+def inspect_disk(g: AttachedGuest, *, max_workers: int = 4) -> DiskReport:
     """Mount each filesystem read-only under the attach's private directory and inspect it.
 
     Mounts stay in place (tracked) until `umount_all()` or `shutdown()`, so the

@@ -71,7 +71,7 @@ class Fleet:
 
     @property
     def state(self) -> redis.Redis:
-        return redis.Redis.from_url(self.server.url(0))
+        return redis.Redis.from_url(self.server.url(0), decode_responses=True)
 
     def start(self, host: str, concurrency: int = 2) -> HostProcess:
         log = self.log_dir / f"{host}-{len(list(self.log_dir.glob(host + '*')))}.log"

@@ -11,11 +11,11 @@ Two cache levels under `$VMCRAFT_SAMPLES_DIR` (default /var/tmp/vmcraft-samples)
 - `bootable-rootfs-<key>/rootfs.tar.zst`: the debootstrap result. The key hashes the
   suite, mirror, package list and the source of the functions that make the tarball,
   so editing the disk-assembly code below does not cost a new debootstrap (minutes).
-- `bootable-<key>/<variant>/disk.vmdk`: the disks. The key hashes the rootfs key and
-  this whole module.
+- `bootable-<key>/<variant>/disk.vmdk`: the disks. The key hashes the rootfs key,
+  this whole module and the toolkit functions that partition the disk.
 
-Every build holds an fcntl lock and lands atomically (temp dir, then rename), as in
-imagebuild.py. Mounts, loop devices and the chroot are undone in `finally` blocks.
+Every build holds a flock and lands atomically (temp dir, then rename), as the
+toolkit's cache does. Mounts, loop devices and the chroot are undone in `finally` blocks.
 
 Run `python -m vmcraft_tasks.samples.bootable` to warm the cache and print timings.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -39,19 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from vmcraft_tasks.craft import commands
+from vmcraft_tasks.craft.atomicfile import locked
 from vmcraft_tasks.craft.errors import CommandError
-from vmcraft_tasks.samples.imagebuild import (
-    CACHE_ROOT_ENV,
-    DEFAULT_CACHE_ROOT,
+from vmcraft_tasks.samples import toolkit
+from vmcraft_tasks.samples.toolkit import (
+    GPT_BIOS_BOOT,
     GPT_LINUX_FS,
     GPT_LINUX_SWAP,
     MANIFEST,
     BuiltImage,
     ImageBuildError,
+    MiB,
+    Part,
 )
-
-MiB = 1024 * 1024
-SECTOR = 512
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -70,7 +69,6 @@ PACKAGES = (
     "zstd",
 )
 
-GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 DISK_MIB = 2048
 BIOS_BOOT_MIB = 1
 BOOT_MIB = 256
@@ -171,7 +169,7 @@ class BootableImage:
     notes: BootableNotes
 
     def as_built_image(self) -> BuiltImage:
-        """The same image in imagebuild's shape, for code that takes a BuiltImage."""
+        """The same image in the toolkit's shape, for code that takes a BuiltImage."""
         return BuiltImage(self.path, self.fmt, dataclasses.asdict(self.notes))
 
 
@@ -200,7 +198,7 @@ def _required(value: str | None) -> str:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ROOT_ENV, DEFAULT_CACHE_ROOT))
+    return toolkit.cache_root()
 
 
 def _digest(*parts: str) -> str:
@@ -220,31 +218,22 @@ def rootfs_key() -> str:
 
 
 def disks_key() -> str:
-    return _digest(rootfs_key(), Path(__file__).read_text())
+    # This module, and the toolkit functions that lay out its partition table.
+    layout = [inspect.getsource(fn) for fn in (toolkit.assemble, toolkit.sfdisk_script)]
+    return _digest(rootfs_key(), Path(__file__).read_text(), *layout)
 
 
 @contextlib.contextmanager
 def _lock(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
-    # Its own name: the rootfs is built in the cache root, which imagebuild shares.
-    fd = os.open(directory / ".bootable.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    # Its own name: the rootfs is built in the cache root, which the toolkit shares.
+    with locked(str(directory / ".bootable.lock"), mode=0o644):
         yield
-    finally:
-        os.close(fd)  # closing drops the flock
-
-
-def _is_mounted_under(path: Path) -> bool:
-    prefix = str(path) + "/"
-    with open("/proc/self/mountinfo") as fh:
-        return any(line.split()[4].startswith(prefix) for line in fh)
 
 
 def _remove_if_unmounted(path: Path) -> None:
     # rmtree through a leftover bind of /dev or /sys would delete the host's files.
-    if path.exists() and not _is_mounted_under(path):
-        shutil.rmtree(path, ignore_errors=True)
+    toolkit.remove_if_unmounted(path)
 
 
 def _publish(final: Path, build: Callable[[Path], None]) -> None:
@@ -378,67 +367,41 @@ def _layout(variant: _Variant) -> list[tuple[int, str, int, str, str | None]]:
     ]
 
 
-def _sfdisk_script(variant: _Variant) -> str:
-    lines = ["label: gpt", f"label-id: {_uuid(variant, 8, 0)}", "unit: sectors", ""]
-    for number, role, size_mib, type_guid, _ in _layout(variant):
-        uuid = _uuid(variant, 8, number)
-        lines.append(f'size={size_mib}MiB, type={type_guid}, uuid={uuid}, name="{role}"')
-    return "\n".join(lines) + "\n"
-
-
 def _partition_disk(disk: Path, variant: _Variant) -> tuple[Partition, ...]:
-    with open(disk, "wb") as fh:
-        fh.truncate(DISK_MIB * MiB)
-    commands.run(
-        ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk)],
-        input_text=_sfdisk_script(variant),
-        timeout=MKFS_TIMEOUT_S,
-    )
-    table = json.loads(commands.run(["sfdisk", "-J", str(disk)], timeout=60).stdout)
-    entries = table["partitiontable"]["partitions"]
     layout = _layout(variant)
-    if len(entries) != len(layout):
-        raise BootableBuildError(f"sfdisk made {len(entries)} partitions, wanted {len(layout)}")
+    parts = [
+        Part(size_mib, type_guid, name=role, partuuid=_uuid(variant, 8, number))
+        for number, role, size_mib, type_guid, _ in layout
+    ]
+    made = toolkit.assemble(disk, DISK_MIB, "gpt", _uuid(variant, 8, 0), parts)
     return tuple(
         Partition(
             number=number,
             role=role,
-            start=int(entry["start"]) * SECTOR,
-            size=int(entry["size"]) * SECTOR,
+            start=made[number]["start"],
+            size=made[number]["size"],
             type_guid=type_guid,
             partuuid=_uuid(variant, 8, number),
             fs_type=fs_type,
             fs_uuid=_uuid(variant, 9, number) if fs_type else None,
         )
-        for (number, role, _, type_guid, fs_type), entry in zip(layout, entries, strict=True)
+        for number, role, _, type_guid, fs_type in layout
     )
 
 
-@contextlib.contextmanager
-def _loop(image: Path, part: Partition | None = None) -> Iterator[str]:
+def _loop(image: Path, part: Partition | None = None) -> contextlib.AbstractContextManager[str]:
     """A loop device over the whole image, or over one partition of it.
 
     The kernel here does not scan partition tables on loop devices, so each
     filesystem gets a loop device of its own at its partition's offset.
     """
-    argv = ["losetup", "--show", "-f"]
-    if part is not None:
-        argv += ["--offset", str(part.start), "--sizelimit", str(part.size)]
-    device = commands.run([*argv, str(image)], timeout=MOUNT_TIMEOUT_S).stdout.strip()
-    try:
-        yield device
-    finally:
-        commands.run(["losetup", "-d", device], timeout=MOUNT_TIMEOUT_S)
+    if part is None:
+        return toolkit.loop(image)
+    return toolkit.loop(image, offset=part.start, sizelimit=part.size)
 
 
-@contextlib.contextmanager
-def _mounted(device: str, mountpoint: Path) -> Iterator[Path]:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    commands.run(["mount", "-t", "ext4", device, str(mountpoint)], timeout=MOUNT_TIMEOUT_S)
-    try:
-        yield mountpoint
-    finally:
-        commands.run(["umount", str(mountpoint)], timeout=MOUNT_TIMEOUT_S)
+def _mounted(device: str, mountpoint: Path) -> contextlib.AbstractContextManager[Path]:
+    return toolkit.mounted(device, mountpoint, "ext4")
 
 
 def _make_filesystem(part: Partition, device: str) -> None:
@@ -636,7 +599,7 @@ def _build_variant(variant: _Variant, out: Path) -> None:
     disk = work / "disk.raw"
     parts, kernel, has_virtio_blk = _install_guest(disk, work, variant)
     _export_vmdk(disk, out / "disk.vmdk")
-    if _is_mounted_under(work):
+    if toolkit.is_mounted_under(work):
         raise BootableBuildError(f"{work} still has mounts after the build")
     shutil.rmtree(work)
     notes = BootableNotes(

@@ -1,6 +1,6 @@
 """Build small, valid Windows registry hives without a Windows machine.
 
-Used by the sample Windows image (vmcraft_tasks.samples.imagebuild) and by the
+Used by the sample Windows images (vmcraft_tasks.samples.windows) and by the
 Windows inspection tests.
 
 `build_empty_hive` writes the regf format from scratch: a 4096-byte base block with

@@ -5,22 +5,27 @@ filesystem signature: a BIOS boot partition (GRUB's core.img, no signature), a
 Microsoft reserved partition (zeros), an empty partition, or random bytes. These
 images put such a partition in front of (or between) real filesystems.
 
-Built with the sample builder's cache and helpers; the cache name carries this
-module's own source hash, so editing it rebuilds these images only.
+Built with the sample toolkit; the cache name carries this module's own source hash,
+so editing it rebuilds these images only.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from vmcraft_tasks.samples import imagebuild as ib
-from vmcraft_tasks.samples.imagebuild import BuiltImage, MiB, _Part
+from vmcraft_tasks.samples import toolkit as tk
+from vmcraft_tasks.samples import windows
+from vmcraft_tasks.samples.toolkit import (
+    GPT_BASIC_DATA,
+    GPT_BIOS_BOOT,
+    GPT_MSR,
+    BuiltImage,
+    MiB,
+    Part,
+    filled,
+)
 
-GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
-GPT_MSR = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"
-GPT_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 LAYOUT_ID = 0x40
 
 LINUX_OS_RELEASE = (
@@ -29,20 +34,8 @@ LINUX_OS_RELEASE = (
 )
 
 
-def _source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
-
-
-def _cached(name: str, build: ib.Builder) -> BuiltImage:
-    return ib._cached(f"layout-{_source_hash()}-{name}", build)
-
-
-def _filled(path: Path, size_mib: int, data: bytes) -> Path:
-    """A partition image whose first bytes are `data` (the rest zeros)."""
-    ib._new_sparse_file(path, size_mib * MiB)
-    with open(path, "r+b") as fh:
-        fh.write(data)
-    return path
+def _cached(name: str, build: tk.Builder) -> BuiltImage:
+    return tk.cached(f"layout-{name}", build, sources=(__file__,))
 
 
 def _linux_root(work: Path, name: str, hostname: str, fstab: str) -> dict[str, str | bytes]:
@@ -52,7 +45,7 @@ def _linux_root(work: Path, name: str, hostname: str, fstab: str) -> dict[str, s
         "/etc/fstab": fstab,
         "/usr/bin/ls": Path("/usr/bin/true").read_bytes(),
     }
-    ib._write_tree(
+    tk.write_tree(
         work / name, files, {"/etc/os-release": "../usr/lib/os-release", "/bin": "usr/bin"}
     )
     return files
@@ -67,24 +60,24 @@ def _layout_notes(layout: dict[int, dict[str, Any]], table: str, **extra: Any) -
 
 def _build_gpt_bios_boot(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     """GRUB on GPT: 1 MiB BIOS boot first, then /boot, root and swap (Debian's layout)."""
-    uuid = {n: ib._fs_uuid(LAYOUT_ID + 1, n) for n in (2, 3, 4)}
+    uuid = {n: tk.fs_uuid(LAYOUT_ID + 1, n) for n in (2, 3, 4)}
     fstab = "/dev/sda3 / ext4 errors=remount-ro 0 1\n/dev/sda2 /boot ext4 defaults 0 2\n"
     _linux_root(work, "root", "bios-boot", fstab)
     (work / "boot").mkdir()
     (work / "boot" / "grub").mkdir()
     # core.img is not a filesystem: blkid finds no signature in it.
-    bios = _filled(work / "p1.img", 1, ib._pseudo_random(64 * 1024, b"core.img"))
-    ib._mkfs_ext4(work / "p2.img", 32, "boot", uuid[2], work / "boot")
-    ib._mkfs_ext4(work / "p3.img", 48, "root", uuid[3], work / "root")
-    ib._mkswap(work / "p4.img", 8, "swap", uuid[4])
+    bios = filled(work / "p1.img", 1, tk.pseudo_random(64 * 1024, b"core.img"))
+    tk.mkfs_ext4(work / "p2.img", 32, "boot", uuid[2], work / "boot")
+    tk.mkfs_ext4(work / "p3.img", 48, "root", uuid[3], work / "root")
+    tk.mkswap(work / "p4.img", 8, "swap", uuid[4])
     parts = [
-        _Part(1, GPT_BIOS_BOOT, bios, "bios"),
-        _Part(32, ib.GPT_LINUX_FS, work / "p2.img", "boot"),
-        _Part(48, ib.GPT_LINUX_FS, work / "p3.img", "root"),
-        _Part(8, ib.GPT_LINUX_SWAP, work / "p4.img", "swap"),
+        Part(1, GPT_BIOS_BOOT, bios, "bios"),
+        Part(32, tk.GPT_LINUX_FS, work / "p2.img", "boot"),
+        Part(48, tk.GPT_LINUX_FS, work / "p3.img", "root"),
+        Part(8, tk.GPT_LINUX_SWAP, work / "p4.img", "swap"),
     ]
     disk = out / "gpt-bios-boot.raw"
-    layout = ib._assemble(disk, 92, "gpt", ib._gpt_uuid(LAYOUT_ID + 1, 0), parts)
+    layout = tk.assemble(disk, 92, "gpt", tk.gpt_uuid(LAYOUT_ID + 1, 0), parts)
     types = {1: None, 2: "ext4", 3: "ext4", 4: "swap"}
     return disk.name, "raw", _layout_notes(layout, "gpt", fs_types=types, root_partition=3)
 
@@ -98,18 +91,18 @@ def gpt_bios_boot_raw() -> BuiltImage:
 
 def _build_gpt_windows(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     """What Windows Setup makes on a UEFI machine: ESP, Microsoft reserved, C: (NTFS)."""
-    esp_mib, msr_mib, ntfs_mib = 34, 16, ib.NTFS_FS_MIB
+    esp_mib, msr_mib, ntfs_mib = 34, 16, windows.NTFS_FS_MIB
     esp_files: dict[str, str | bytes] = {"/EFI/Microsoft/Boot/bootmgfw.efi": "dummy bootmgr\n"}
-    ib._mkfs_vfat(work / "p1.img", esp_mib, "SYSTEM", "5EED0041", files=esp_files, fat=32)
-    msr = _filled(work / "p2.img", msr_mib, b"")  # Windows leaves it zeroed
-    cmd_exe = ib._pe_stub(ib.IMAGE_FILE_MACHINE_AMD64, b"dummy cmd.exe for vmcraft tests\n")
+    tk.mkfs_vfat(work / "p1.img", esp_mib, "SYSTEM", "5EED0041", files=esp_files, fat=32)
+    msr = filled(work / "p2.img", msr_mib, b"")  # Windows leaves it zeroed
+    cmd_exe = windows.cmd_exe()
     files: dict[str, str | bytes] = {
         "/Windows/System32/cmd.exe": cmd_exe,
-        **ib._windows_hives(work),
+        **windows.windows_hives(work),
     }
     # NTFS records its own start sector (hidden sectors): ESP and MSR come first.
-    start_sector = (1 + esp_mib + msr_mib) * MiB // ib.SECTOR
-    ib._mkfs_ntfs(
+    start_sector = (1 + esp_mib + msr_mib) * MiB // tk.SECTOR
+    tk.mkfs_ntfs(
         work / "p3.img",
         ntfs_mib,
         "Windows",
@@ -120,16 +113,16 @@ def _build_gpt_windows(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]
         work=work,
     )
     parts = [
-        _Part(esp_mib, ib.GPT_ESP, work / "p1.img", "EFI system partition"),
-        _Part(msr_mib, GPT_MSR, msr, "Microsoft reserved partition"),
-        _Part(ntfs_mib, GPT_BASIC_DATA, work / "p3.img", "Basic data partition"),
+        Part(esp_mib, tk.GPT_ESP, work / "p1.img", "EFI system partition"),
+        Part(msr_mib, GPT_MSR, msr, "Microsoft reserved partition"),
+        Part(ntfs_mib, GPT_BASIC_DATA, work / "p3.img", "Basic data partition"),
     ]
     disk = out / "gpt-windows.raw"
     size = 1 + esp_mib + msr_mib + ntfs_mib + 1
-    layout = ib._assemble(disk, size, "gpt", ib._gpt_uuid(LAYOUT_ID + 2, 0), parts)
+    layout = tk.assemble(disk, size, "gpt", tk.gpt_uuid(LAYOUT_ID + 2, 0), parts)
     types = {1: "vfat", 2: None, 3: "ntfs"}
     notes = _layout_notes(
-        layout, "gpt", fs_types=types, root_partition=3, windows=dict(ib.WINDOWS_FACTS)
+        layout, "gpt", fs_types=types, root_partition=3, windows=dict(windows.WINDOWS_FACTS)
     )
     return disk.name, "raw", notes
 
@@ -143,20 +136,20 @@ def gpt_windows_raw() -> BuiltImage:
 
 def _build_mbr_empty_between(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     """An MBR disk whose second partition was created and never formatted."""
-    uuid = {n: ib._fs_uuid(LAYOUT_ID + 3, n) for n in (1, 3)}
+    uuid = {n: tk.fs_uuid(LAYOUT_ID + 3, n) for n in (1, 3)}
     (work / "data").mkdir()
     (work / "data" / "data.txt").write_text("data partition\n")
-    ib._mkfs_ext4(work / "p1.img", 24, "data", uuid[1], work / "data")
-    empty = _filled(work / "p2.img", 8, b"")
+    tk.mkfs_ext4(work / "p1.img", 24, "data", uuid[1], work / "data")
+    empty = filled(work / "p2.img", 8, b"")
     _linux_root(work, "root", "mbr-empty", f"UUID={uuid[3]} / ext4 defaults 0 1\n")
-    ib._mkfs_ext4(work / "p3.img", 48, "root", uuid[3], work / "root")
+    tk.mkfs_ext4(work / "p3.img", 48, "root", uuid[3], work / "root")
     parts = [
-        _Part(24, "83", work / "p1.img"),
-        _Part(8, "83", empty),
-        _Part(48, "83", work / "p3.img"),
+        Part(24, "83", work / "p1.img"),
+        Part(8, "83", empty),
+        Part(48, "83", work / "p3.img"),
     ]
     disk = out / "mbr-empty-between.raw"
-    layout = ib._assemble(disk, 82, "dos", "0x5eed0043", parts)
+    layout = tk.assemble(disk, 82, "dos", "0x5eed0043", parts)
     types = {1: "ext4", 2: None, 3: "ext4"}
     return disk.name, "raw", _layout_notes(layout, "dos", fs_types=types, root_partition=3)
 
@@ -170,16 +163,16 @@ def mbr_empty_between_raw() -> BuiltImage:
 
 def _build_random_first(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
     """A partition full of random bytes (an encrypted blob, a wiped disk) before root."""
-    uuid = ib._fs_uuid(LAYOUT_ID + 4, 2)
-    noise = _filled(work / "p1.img", 4, ib._pseudo_random(4 * MiB, b"noise"))
+    uuid = tk.fs_uuid(LAYOUT_ID + 4, 2)
+    noise = filled(work / "p1.img", 4, tk.pseudo_random(4 * MiB, b"noise"))
     _linux_root(work, "root", "random-first", f"UUID={uuid} / ext4 defaults 0 1\n")
-    ib._mkfs_ext4(work / "p2.img", 48, "root", uuid, work / "root")
+    tk.mkfs_ext4(work / "p2.img", 48, "root", uuid, work / "root")
     parts = [
-        _Part(4, ib.GPT_LINUX_FS, noise, "noise"),
-        _Part(48, ib.GPT_LINUX_FS, work / "p2.img", "root"),
+        Part(4, tk.GPT_LINUX_FS, noise, "noise"),
+        Part(48, tk.GPT_LINUX_FS, work / "p2.img", "root"),
     ]
     disk = out / "random-first.raw"
-    layout = ib._assemble(disk, 54, "gpt", ib._gpt_uuid(LAYOUT_ID + 4, 0), parts)
+    layout = tk.assemble(disk, 54, "gpt", tk.gpt_uuid(LAYOUT_ID + 4, 0), parts)
     types = {1: None, 2: "ext4"}
     return disk.name, "raw", _layout_notes(layout, "gpt", fs_types=types, root_partition=2)
 

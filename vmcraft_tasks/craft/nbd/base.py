@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vmcraft_tasks.craft.atomicfile import atomic_write
 from vmcraft_tasks.craft.images import ImageInfo
 from vmcraft_tasks.craft.partitions import Partition
 
@@ -40,11 +41,9 @@ class AttachedDisk:
 
     def save(self) -> None:
         """Record the attach in its state directory, for other processes of this host."""
-        path = os.path.join(self.state_dir, ATTACH_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh)
-        os.replace(tmp, path)
+        atomic_write(
+            os.path.join(self.state_dir, ATTACH_FILE), json.dumps(self.to_dict()), fsync=False
+        )
 
     @classmethod
     def load(cls, state_dir: str) -> AttachedDisk:

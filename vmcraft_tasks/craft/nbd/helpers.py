@@ -9,7 +9,6 @@ what was created, by id, and nothing else.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from vmcraft_tasks.craft import atomicfile
 from vmcraft_tasks.craft.nbd import loopdev
 
 RESOURCES_FILE = "resources.json"
@@ -34,21 +34,14 @@ class AttachResources:
 
     def save(self, state_dir: str) -> None:
         path = os.path.join(state_dir, RESOURCES_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(asdict(self), fh)
-        os.replace(tmp, path)
+        atomicfile.atomic_write(path, json.dumps(asdict(self)), fsync=False)
 
     @staticmethod
     @contextlib.contextmanager
     def locked(state_dir: str) -> Iterator[None]:
         """Serialise read-modify-write of the record across worker processes of a host."""
-        fd = os.open(os.path.join(state_dir, RESOURCES_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with atomicfile.locked(os.path.join(state_dir, RESOURCES_LOCK)):
             yield
-        finally:
-            os.close(fd)
 
     @classmethod
     def load(cls, state_dir: str) -> AttachResources:

@@ -1,4 +1,5 @@
-"""The test images are what their notes say they are, checked with independent tools."""
+"""The sample images are what their notes say they are, checked with independent tools;
+the toolkit's cache and the registry behave."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from vmcraft_tasks import samples
 from vmcraft_tasks.craft import commands
-from vmcraft_tasks.samples import imagebuild
-from vmcraft_tasks.samples.imagebuild import BuiltImage
+from vmcraft_tasks.samples import toolkit
+from vmcraft_tasks.samples.recipes import linux_gpt
+from vmcraft_tasks.samples.toolkit import BuiltImage
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +74,12 @@ def test_linux_gpt_raw_layout(linux_gpt_raw: BuiltImage) -> None:
         assert part["uuid"].lower() == notes["partuuids"][number]
         assert part["name"] == notes["partnames"][number]
         assert part["start"] * 512 == notes["partitions"][number]["start"]
-    assert table["partitions"][0]["type"] == imagebuild.GPT_ESP
+    assert table["partitions"][0]["type"] == toolkit.GPT_ESP
     assert notes["fs_types"] == {1: "vfat", 2: "ext4", 3: "ext4", 4: "xfs", 5: "btrfs", 6: "swap"}
     _assert_filesystems_match(linux_gpt_raw)
     assert f"PARTUUID={notes['partuuids'][5]} /home" in notes["fstab"]
     assert f"UUID={notes['fs_uuids'][2]} /boot" in notes["fstab"]
-    assert os.stat(linux_gpt_raw.path).st_blocks * 512 < 50 * imagebuild.MiB  # sparse
+    assert os.stat(linux_gpt_raw.path).st_blocks * 512 < 50 * toolkit.MiB  # sparse
 
 
 def test_linux_gpt_root_tree(linux_gpt_raw: BuiltImage, tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_linux_gpt_root_tree(linux_gpt_raw: BuiltImage, tmp_path: Path) -> None:
         debugfs(f"dump /usr/bin/ls {tmp_path / 'ls'}")
     dumped = tmp_path / "ls"
     assert dumped.read_bytes()[:4] == b"\x7fELF"
-    assert imagebuild.sha256_file(dumped) == linux_gpt_raw.notes["file_sha256"]["/usr/bin/ls"]
+    assert toolkit.sha256_file(dumped) == linux_gpt_raw.notes["file_sha256"]["/usr/bin/ls"]
 
 
 @pytest.mark.parametrize(
@@ -192,15 +195,45 @@ def test_not_an_image_probes_as_raw(not_an_image: str) -> None:
 
 
 def test_cache_hit_returns_same_notes(linux_gpt_raw: BuiltImage) -> None:
-    again = imagebuild.linux_gpt_raw()
+    again = linux_gpt.linux_gpt_raw()
     assert again == linux_gpt_raw
     assert again.notes == linux_gpt_raw.notes
-    assert Path(again.path).parent.parent == imagebuild.cache_dir()
+    assert Path(again.path).parent.parent == toolkit.cache_dir()
+    assert samples.build("linux-gpt-raw") == linux_gpt_raw
+
+
+def test_registry_names_every_recipe() -> None:
+    assert {"linux_gpt_raw", "twenty_parts_raw", "gpt_windows_raw", "small_mbr_raw"} <= set(
+        samples.SAMPLES
+    )
+    assert set(samples.SAMPLES) >= samples.SLOW
+    with pytest.raises(KeyError, match="no sample named"):
+        samples.build("no-such-sample")
+
+
+def test_cached_builds_once_and_tags_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(toolkit.CACHE_ROOT_ENV, str(tmp_path))
+    calls = []
+
+    def build(out: Path, work: Path) -> tuple[str, str, dict[str, Any]]:
+        calls.append(work.is_dir())
+        (out / "x.raw").write_bytes(b"x")
+        return "x.raw", "raw", {"partitions": {1: {"start": 0}}}
+
+    first = toolkit.cached("probe", build, sources=(__file__,))
+    again = toolkit.cached("probe", build, sources=(__file__,))
+    assert calls == [True]
+    assert first == again and again.notes == {"partitions": {1: {"start": 0}}}
+    assert Path(first.path).parent.name == f"probe-{toolkit.source_tag(__file__)}"
+    assert Path(first.path).parent.parent == tmp_path / toolkit.builder_hash()
+    assert not list(Path(first.path).parent.glob("work"))
 
 
 def test_copy_image_is_sparse_and_identical(mbr_logical_raw: BuiltImage, tmp_path: Path) -> None:
-    copy = imagebuild.copy_image(mbr_logical_raw, tmp_path)
-    assert imagebuild.sha256_file(copy) == imagebuild.sha256_file(mbr_logical_raw.path)
+    copy = toolkit.copy_image(mbr_logical_raw, tmp_path)
+    assert toolkit.sha256_file(copy) == toolkit.sha256_file(mbr_logical_raw.path)
     assert os.stat(copy).st_blocks * 512 < os.stat(copy).st_size
 
 
@@ -210,7 +243,7 @@ def test_builds_left_nothing_attached(
     broken_log_xfs_raw: BuiltImage,
     windows_ntfs_raw: BuiltImage,
 ) -> None:
-    root = str(imagebuild.cache_dir())  # this builder's images: other builders may be busy
+    root = str(toolkit.cache_dir())  # this builder's images: other builders may be busy
     backing = commands.run(["losetup", "-l", "-n", "-O", "BACK-FILE"]).stdout.split()
     assert not [b for b in backing if b.startswith(root)]
     with open("/proc/self/mountinfo") as fh:

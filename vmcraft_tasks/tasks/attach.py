@@ -1,0 +1,69 @@
+"""attach: take a slot on this host, attach the VM's disk, hand the VM on to the
+scan on this host. For a lone inspection this step places the VM (any host takes it
+from the intake queue); for a migration it runs where the VM was converted."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vmcraft_tasks import conversions, jobs, outputs, pipeline, policy
+from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft.errors import VMCraftError
+from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.jobmarker import write_job_marker
+from vmcraft_tasks.models.context import StepContext
+from vmcraft_tasks.queues import INTAKE_QUEUE
+from vmcraft_tasks.tasks import canvas
+from vmcraft_tasks.tasks.runner import VMStep, context, end, plan
+from worker.runtime import HostRuntime, runtime
+
+HOST_FULL_RETRY_S = 0.5
+HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
+
+STEP = pipeline.step("attach")
+
+
+@app.task(name=STEP.task, bind=True, base=VMStep, max_retries=HOST_FULL_MAX_RETRIES)
+def attach(self: VMStep, message: dict[str, Any]) -> Any:
+    rt = runtime()
+    ctx = context(message)
+    image, readonly, fmt, flow = what_to_attach(rt, ctx)
+    job_id = ctx.job_id
+    if rt.leases.acquire(job_id) is None:
+        # Full: put the VM back on the intake queue for any host, without blocking.
+        raise self.retry(countdown=HOST_FULL_RETRY_S, queue=INTAKE_QUEUE)
+    if not rt.jobs.transition(job_id, jobs.ATTACHING, host=rt.host_id):
+        rt.leases.release(job_id)
+        return {"job_id": job_id, "ok": False, "error": "job already ended"}
+    rt.jobs.set_progress(job_id, worker_pid=rt.worker_pid, attached_at=time.time())
+    try:
+        g = VMCraft(image, readonly=readonly, settings=rt.craft_settings, cache=rt.cache)
+        g.launch(fmt=fmt)
+    except VMCraftError as exc:
+        end(rt, ctx, "failed", reason=str(exc))
+        return {"job_id": job_id, "ok": False, "error": str(exc)}
+    state_dir = g.disk.state_dir
+    write_job_marker(state_dir, job_id, rt.host_id, rt.worker_pid)
+    rt.jobs.set_progress(job_id, attach_attempts=g.attach_attempts, backend=g.backend_name)
+    g.forget()
+    self.progress(job_id=job_id, step="attached", host=rt.host_id)
+    attached = ctx.with_(host=rt.host_id, state_dir=state_dir)
+    raise self.replace(canvas.hand_on(STEP.name, attached, flow))
+
+
+def what_to_attach(
+    rt: HostRuntime, ctx: StepContext
+) -> tuple[str, bool, str | None, pipeline.Flow]:
+    """(image, readonly, format, flow) as this worker's policy decides, whatever the
+    message says; the format is known only for the worker's own conversions."""
+    if not ctx.in_batch:
+        request = policy.inspect_request(ctx.to_message(), rt.settings.image_roots)
+        return request.image, True, None, "inspect"
+    vm = plan(rt, ctx)
+    disk = vm["disks"][0]
+    roots = outputs.vm_output_roots(vm, settings_roots=rt.settings.output_roots)
+    # Only the tool's own, unchanged conversion is ever attached (and maybe writable).
+    if conversions.already_converted(disk["source"], disk["target"], roots) is None:
+        raise policy.MessageRefused(f"{disk['target']} is not a finished conversion of this VM")
+    return disk["target"], not policy.write_mode(vm), str(vm["target_format"]), pipeline.flow_of(vm)
