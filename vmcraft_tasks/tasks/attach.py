@@ -15,11 +15,15 @@ from vmcraft_tasks.jobmarker import write_job_marker
 from vmcraft_tasks.models.context import StepContext
 from vmcraft_tasks.queues import INTAKE_QUEUE
 from vmcraft_tasks.tasks import canvas
-from vmcraft_tasks.tasks.runner import VMStep, context, end, plan
+from vmcraft_tasks.tasks.runner import (
+    HOST_FULL_MAX_RETRIES,
+    HOST_FULL_RETRY_S,
+    VMStep,
+    context,
+    end,
+    plan,
+)
 from worker.runtime import HostRuntime, runtime
-
-HOST_FULL_RETRY_S = 0.5
-HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
 
 STEP = pipeline.step("attach")
 
@@ -61,9 +65,10 @@ def what_to_attach(
         request = policy.inspect_request(ctx.to_message(), rt.settings.image_roots)
         return request.image, True, None, "inspect"
     vm = plan(rt, ctx)
-    disk = vm["disks"][0]
-    roots = outputs.vm_output_roots(vm, settings_roots=rt.settings.output_roots)
+    disk = vm.disks[0]
+    roots = outputs.vm_output_roots(vm.to_dict(), settings_roots=rt.settings.output_roots)
     # Only the tool's own, unchanged conversion is ever attached (and maybe writable).
-    if conversions.already_converted(disk["source"], disk["target"], roots) is None:
-        raise policy.MessageRefused(f"{disk['target']} is not a finished conversion of this VM")
-    return disk["target"], not policy.write_mode(vm), str(vm["target_format"]), pipeline.flow_of(vm)
+    if conversions.already_converted(disk.source, disk.target, roots) is None:
+        raise policy.MessageRefused(f"{disk.target} is not a finished conversion of this VM")
+    writable = policy.write_mode(vm.to_dict())
+    return disk.target, not writable, vm.target_format, pipeline.flow_of(vm.to_dict())

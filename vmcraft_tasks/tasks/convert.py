@@ -10,6 +10,7 @@ from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.craft.convert import SourceChangedError, convert_image
 from vmcraft_tasks.craft.images import ImageInfo, probe_image
 from vmcraft_tasks.craft.settings import CraftSettings
+from vmcraft_tasks.models.plan import DiskPlan
 from vmcraft_tasks.tasks import canvas
 from vmcraft_tasks.tasks.runner import VMStep, context, plan
 from worker.conversions import guarded_conversion, safe_progress
@@ -35,11 +36,11 @@ def convert(self: VMStep, message: dict[str, Any]) -> Any:
     vm = plan(rt, ctx)
     job_id = ctx.job_id
     own = rt.settings.output_roots
-    outputs.check_vm_outputs(vm, settings_roots=own)
-    roots = outputs.vm_output_roots(vm, settings_roots=own)
+    outputs.check_vm_outputs(vm.to_dict(), settings_roots=own)
+    roots = outputs.vm_output_roots(vm.to_dict(), settings_roots=own)
     results = []
-    for index, disk in enumerate(vm["disks"]):
-        done = conversions.already_converted(disk["source"], disk["target"], roots)
+    for index, disk in enumerate(vm.disks):
+        done = conversions.already_converted(disk.source, disk.target, roots)
         if done is not None:
             results.append({**done.conversion, "skipped": "already converted"})
             continue
@@ -51,13 +52,13 @@ def convert(self: VMStep, message: dict[str, Any]) -> Any:
                 rt.jobs.set_progress(job_id, convert_disk=index, convert_pct=round(pct, 1))
                 self.progress(job_id=job_id, step="converting", disk=index, pct=round(pct, 1))
 
-        def copy(staged: str, disk: dict[str, Any] = disk, report: Any = report) -> Any:
+        def copy(staged: str, disk: DiskPlan = disk, report: Any = report) -> Any:
             checked = source_as_submitted(disk, rt.craft_settings)
             return convert_image(
-                disk["source"],
+                disk.source,
                 staged,
                 timeout_s=_SETTINGS.convert_time_limit_s - 120,
-                target_format=vm["target_format"],
+                target_format=vm.target_format,
                 progress=safe_progress(report),
                 overwrite=False,
                 settings=rt.craft_settings,
@@ -66,31 +67,31 @@ def convert(self: VMStep, message: dict[str, Any]) -> Any:
 
         # The guard stops the copy at a warm shutdown or when the VM ends meanwhile,
         # and records qemu-img's temporary file so a dead worker's copy is cleaned up.
-        with guarded_conversion(rt, job_id, index, disk["target"], wait_s=CONVERSION_WAIT_S):
-            marker = conversions.convert_confined(disk["source"], disk["target"], roots, copy)
+        with guarded_conversion(rt, job_id, index, disk.target, wait_s=CONVERSION_WAIT_S):
+            marker = conversions.convert_confined(disk.source, disk.target, roots, copy)
         results.append(marker.conversion)
     rt.jobs.set_progress(job_id, conversions=results, convert_pct=100.0)
     # attach derives the image and write mode from the batch's record, not from here.
     converted = ctx.with_(conversions=results)
-    raise self.replace(canvas.hand_on(STEP.name, converted, pipeline.flow_of(vm)))
+    raise self.replace(canvas.hand_on(STEP.name, converted, pipeline.flow_of(vm.to_dict())))
 
 
-def source_as_submitted(disk: dict[str, Any], settings: CraftSettings) -> ImageInfo:
+def source_as_submitted(disk: DiskPlan, settings: CraftSettings) -> ImageInfo:
     """Check the source again now; a source that is no longer what was submitted (a
     raw disk truncated, say: nothing in it records its size) fails the VM."""
-    info = probe_image(disk["source"], settings=settings)
-    submitted = disk.get("virtual_size")
+    info = probe_image(disk.source, settings=settings)
+    submitted = disk.virtual_size
     if submitted and info.virtual_size != submitted:
         raise SourceChangedError(
-            disk["source"],
-            disk["target"],
+            disk.source,
+            disk.target,
             f"its virtual size changed from {submitted} to {info.virtual_size} bytes "
             "since the batch was submitted",
         )
-    if disk.get("format") and info.format != disk["format"]:
+    if disk.format and info.format != disk.format:
         raise SourceChangedError(
-            disk["source"],
-            disk["target"],
-            f"it is now a {info.format} image, it was {disk['format']} when submitted",
+            disk.source,
+            disk.target,
+            f"it is now a {info.format} image, it was {disk.format} when submitted",
         )
     return info

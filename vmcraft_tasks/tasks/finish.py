@@ -51,7 +51,7 @@ def finalize(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) ->
         vm = plan(rt, ctx)
         if not result.data_only:
             xml_path = write_domain_xml(
-                vm, result.to_json(), settings_roots=rt.settings.output_roots
+                vm.to_dict(), result.to_json(), settings_roots=rt.settings.output_roots
             )
         result = result.with_(libvirt_xml=xml_path, conversions=ctx.conversions)
     end(rt, ctx, "done", result=result.to_json())

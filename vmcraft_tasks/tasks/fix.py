@@ -17,16 +17,17 @@ from vmcraft_tasks.craft.inspect_disk import describe_filesystems
 from vmcraft_tasks.craft.prepare import GuestNotReadyError, Mode, prepare_guest
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.models.context import VMResult
+from vmcraft_tasks.models.plan import VMPlan
 from vmcraft_tasks.tasks.runner import VMStep, context, plan, state_dir
 from worker.runtime import runtime
 
 STEP = pipeline.step("fix")
 
 
-def fix_mode(vm: dict[str, Any]) -> Mode:
-    if not vm["fixes"]:
+def fix_mode(vm: VMPlan) -> Mode:
+    if not vm.fixes:
         return "off"
-    return "dry_run" if vm["dry_run"] else "apply"
+    return "dry_run" if vm.dry_run else "apply"
 
 
 def os_root(result: VMResult) -> OSInfo:
@@ -49,7 +50,7 @@ def fix(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) -> Any:
     ctx = context(message)
     result = VMResult.model_validate(previous)
     vm = plan(rt, ctx)
-    if vm.get("os") == "none":
+    if vm.os == "none":
         note = "data-only VM (options.os: none): no operating system expected, none fixed"
         return result.with_(data_only=True, fixes=[], fix_notes=[note]).to_json()
     root = os_root(result)

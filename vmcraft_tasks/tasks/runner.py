@@ -35,6 +35,7 @@ from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.migration import requeue_vm
 from vmcraft_tasks.models.context import MessageInvalid, StepContext
+from vmcraft_tasks.models.plan import VMPlan
 from worker.conversions import ConversionStopped
 from worker.ending import end_vm, release
 from worker.procs import start_ticks
@@ -42,6 +43,11 @@ from worker.runtime import HostRuntime, runtime
 from worker.steps import StepRecord, holding
 
 log = logging.getLogger("vmcraft_tasks.tasks")
+
+# A placing step that finds its host full sends the VM back to a queue this soon, for
+# an hour at most before the VM fails.
+HOST_FULL_RETRY_S = 0.5
+HOST_FULL_MAX_RETRIES = 7200
 
 # Margin over the step's time limit before the reconciler calls a live step overdue.
 DEADLINE_MARGIN_S = 60.0
@@ -232,9 +238,14 @@ def state_dir(rt: HostRuntime, ctx: StepContext) -> str:
     return policy.state_dir_for(rt, ctx.to_message())
 
 
-def plan(rt: HostRuntime, ctx: StepContext) -> dict[str, Any]:
+def plan(rt: HostRuntime, ctx: StepContext) -> VMPlan:
     """The VM's plan as the batch record holds it, checked against this host's roots."""
-    return policy.plan_of(rt, ctx.to_message())
+    return VMPlan.from_dict(policy.plan_of(rt, ctx.to_message()))
+
+
+def flow(rt: HostRuntime, ctx: StepContext) -> pipeline.Flow:
+    """The VM's flow: a lone image is inspected; a batch VM's plan says the rest."""
+    return pipeline.flow_of(plan(rt, ctx).to_dict()) if ctx.in_batch else "inspect"
 
 
 def end(

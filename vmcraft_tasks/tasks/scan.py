@@ -11,7 +11,7 @@ from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.inspect_disk import mountable
 from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.tasks import canvas
-from vmcraft_tasks.tasks.runner import VMStep, context, plan, state_dir
+from vmcraft_tasks.tasks.runner import VMStep, context, flow, state_dir
 from worker.runtime import runtime
 
 STEP = pipeline.step("scan")
@@ -37,5 +37,4 @@ def scan(self: VMStep, message: dict[str, Any]) -> Any:
     rt.jobs.transition(job_id, jobs.MOUNTING)
     rt.jobs.set_progress(job_id, mounted=0, to_mount=len(targets))
     self.progress(job_id=job_id, step="scanned", partitions=len(parts))
-    flow = pipeline.flow_of(plan(rt, ctx)) if ctx.in_batch else "inspect"
-    raise self.replace(canvas.hand_on(STEP.name, scanned, flow))
+    raise self.replace(canvas.hand_on(STEP.name, scanned, flow(rt, ctx)))

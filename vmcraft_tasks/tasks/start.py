@@ -9,13 +9,17 @@ from typing import Any
 from vmcraft_tasks import jobs, pipeline
 from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.models.plan import BatchLimits
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
 from vmcraft_tasks.tasks import canvas
-from vmcraft_tasks.tasks.runner import VMStep, context, plan
+from vmcraft_tasks.tasks.runner import (
+    HOST_FULL_MAX_RETRIES,
+    HOST_FULL_RETRY_S,
+    VMStep,
+    context,
+    plan,
+)
 from worker.runtime import runtime
-
-HOST_FULL_RETRY_S = 0.5
-HOST_FULL_MAX_RETRIES = 7200  # an hour of waiting at most before the VM fails
 
 STEP = pipeline.step("start")
 
@@ -26,8 +30,8 @@ def start(self: VMStep, message: dict[str, Any]) -> Any:
     ctx = context(message)
     vm = plan(rt, ctx)
     assert ctx.batch is not None and ctx.vm_id is not None  # plan() checked both
-    pinned = vm.get("host")
-    group = vm.get("host_group") or []
+    pinned = vm.host
+    group = vm.host_group or ()
     if pinned and pinned != rt.host_id:
         raise self.retry(countdown=0, queue=host_queue(pinned))
     if group and rt.host_id not in group:
@@ -36,7 +40,8 @@ def start(self: VMStep, message: dict[str, Any]) -> Any:
     # A pinned VM waits for its host; any other goes back to the shared queue.
     wait_queue = host_queue(pinned) if pinned else INTAKE_QUEUE
     store = BatchStore(rt.state)
-    per_host = int((store.plan(ctx.batch).get("limits") or {}).get("max_per_host") or 0)
+    limits = BatchLimits.from_dict(store.plan(ctx.batch).get("limits") or {})
+    per_host = limits.max_per_host or 0
     if not store.take_host_place(ctx.batch, rt.host_id, ctx.vm_id, per_host):
         # The batch already runs max_per_host VMs here: another host, or later.
         raise self.retry(countdown=HOST_FULL_RETRY_S, queue=wait_queue)
@@ -49,4 +54,4 @@ def start(self: VMStep, message: dict[str, Any]) -> Any:
         return {"job_id": ctx.job_id, "ok": False, "error": "job already ended"}
     rt.jobs.set_progress(ctx.job_id, worker_pid=rt.worker_pid, started_at=time.time())
     placed = ctx.with_(host=rt.host_id)
-    raise self.replace(canvas.hand_on(STEP.name, placed, pipeline.flow_of(vm)))
+    raise self.replace(canvas.hand_on(STEP.name, placed, pipeline.flow_of(vm.to_dict())))
