@@ -26,6 +26,7 @@ RUN apt-get update \
         bubblewrap \
         cpio \
         zstd \
+        lvm2 nbdkit nbdkit-plugin-python \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \

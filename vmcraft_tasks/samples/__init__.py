@@ -29,10 +29,14 @@ from vmcraft_tasks.samples.recipes import (
     mbr_logical,
     missing_extent_vmdk,
     not_an_image,
+    rhel_lvm,
+    rhel_lvm_twin,
     small_mbr,
     ten_parts_ubuntu,
     text_vmdk,
+    thin_root,
     twenty_parts,
+    two_disks,
     windows_ntfs,
 )
 from vmcraft_tasks.samples.toolkit import BuiltImage
@@ -62,6 +66,12 @@ SAMPLES: dict[str, Recipe] = {
     "random_first_raw": layouts.random_first_raw,
     "ten_parts_ubuntu_raw": ten_parts_ubuntu.ten_parts_ubuntu_raw,
     "small_mbr_raw": small_mbr.small_mbr_raw,
+    # Multi-disk guests: `path` is disk 1, notes["disk_files"] lists every disk
+    # (vmcraft_tasks.samples.lvmkit.disk_paths).
+    "rhel_lvm": rhel_lvm.rhel_lvm,
+    "rhel_lvm_twin": rhel_lvm_twin.rhel_lvm_twin,
+    "thin_root": thin_root.thin_root,
+    "two_disks": two_disks.two_disks,
     # Minutes on first use (debootstrap from deb.debian.org), then cached.
     "bootable_debian_bios": lambda: bootable.bootable_debian_bios().as_built_image(),
     "bootable_debian_bios_modules_list": (

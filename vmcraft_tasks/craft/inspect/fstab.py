@@ -15,6 +15,7 @@ from typing import Any
 
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.volumes import VolumeTable, disk_index, disk_volume, split_mapper_name
 
 KIND_DEVICE = "device"
 KIND_VIRTUAL = "virtual"
@@ -269,7 +270,13 @@ def _by_tag(
 
 
 def _by_number(
-    number: int, spec: str, filesystems: Sequence[Filesystem], partitions: Sequence[Partition]
+    number: int,
+    spec: str,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    *,
+    where: str = "this disk",
+    shown: int | None = None,
 ) -> SpecResolution:
     how = "device-name"
     for part in partitions:
@@ -277,68 +284,123 @@ def _by_number(
             return SpecResolution(None, how, f"{spec} is an extended partition container")
     known = {p.number for p in partitions} | {fs.partition for fs in filesystems}
     if number not in known:
-        return SpecResolution(None, how, f"this disk has no partition {number}")
+        return SpecResolution(None, how, f"{where} has no partition {shown or number}")
     return SpecResolution(number, how)
 
 
-def _by_device_name(
-    spec: str, filesystems: Sequence[Filesystem], partitions: Sequence[Partition]
+def _on_disk(
+    index: int | None,
+    number: str | None,
+    spec: str,
+    *,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    volumes: VolumeTable | None,
 ) -> SpecResolution:
-    other_disk = f"{spec} is on another disk of the guest"
-    whole_disk = f"{spec} is a whole disk, not a partition"
+    """Partition `number` (None: the whole disk) of the guest's disk `index`."""
+    how = "device-name"
+    if index != 0 and (volumes is None or index is None or index >= volumes.disks()):
+        return SpecResolution(None, how, f"{spec} is on another disk of the guest")
+    assert index is not None
+    if not number:
+        whole = disk_volume(index, 0)
+        if index != 0 and any(fs.partition == whole and fs.type for fs in filesystems):
+            return SpecResolution(whole, how)
+        return SpecResolution(None, how, f"{spec} is a whole disk, not a partition")
+    where = "this disk" if volumes is None else f"disk {index + 1} of the VM"
+    return _by_number(
+        disk_volume(index, int(number)),
+        spec,
+        filesystems,
+        partitions,
+        where=where,
+        shown=int(number),
+    )
+
+
+def _by_lv_name(vg: str, lv: str, spec: str, volumes: VolumeTable | None) -> SpecResolution:
+    if volumes is None:
+        return SpecResolution(None, "lvm", "LVM logical volumes are not partitions")
+    found = volumes.lvs_named(vg, lv)
+    if len(found) == 1:
+        return SpecResolution(found[0].number, "lvm")
+    if not found:
+        return SpecResolution(None, "lvm", f"{spec}: this VM has no LV {vg}/{lv}")
+    return SpecResolution(None, "lvm", f"ambiguous: {len(found)} VGs named {vg} have an LV {lv}")
+
+
+def _by_device_name(
+    spec: str,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
+) -> SpecResolution:
     if match := _LETTER_DISK.match(spec):
         letters, number = match.groups()
-        if letters != "a":
-            return SpecResolution(None, "device-name", other_disk)
-        if not number:
-            return SpecResolution(None, "device-name", whole_disk)
-        return _by_number(int(number), spec, filesystems, partitions)
+        return _on_disk(
+            disk_index(letters),
+            number,
+            spec,
+            filesystems=filesystems,
+            partitions=partitions,
+            volumes=volumes,
+        )
     if match := _NVME.match(spec):
         controller, namespace, number = match.groups()
-        if (controller, namespace) != ("0", "1"):
-            return SpecResolution(None, "device-name", other_disk)
-        if number is None:
-            return SpecResolution(None, "device-name", whole_disk)
-        return _by_number(int(number), spec, filesystems, partitions)
+        index = int(controller) if namespace == "1" else None
+        return _on_disk(
+            index, number, spec, filesystems=filesystems, partitions=partitions, volumes=volumes
+        )
     if match := _MMC.match(spec):
         card, number = match.groups()
-        if card != "0":
-            return SpecResolution(None, "device-name", other_disk)
-        if number is None:
-            return SpecResolution(None, "device-name", whole_disk)
-        return _by_number(int(number), spec, filesystems, partitions)
-    if spec.startswith("/dev/mapper/") or re.match(r"^/dev/dm-\d+$", spec):
+        return _on_disk(
+            int(card), number, spec, filesystems=filesystems, partitions=partitions, volumes=volumes
+        )
+    if spec.startswith("/dev/mapper/"):
+        names = split_mapper_name(spec[len("/dev/mapper/") :])
+        if names is not None and volumes is not None:
+            return _by_lv_name(*names, spec, volumes)
+        return SpecResolution(None, "device-mapper", "device-mapper volumes are not partitions")
+    if re.match(r"^/dev/dm-\d+$", spec):
         return SpecResolution(None, "device-mapper", "device-mapper volumes are not partitions")
     if re.match(r"^/dev/md(?:\d+|/.+)$", spec):
         return SpecResolution(None, "md", "software RAID devices are not partitions")
     if spec.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")):
         return SpecResolution(None, "by-id", "by-id/by-path names depend on the guest's hardware")
-    if re.match(r"^/dev/[^/]+/[^/]+$", spec):
+    if match := re.match(r"^/dev/([^/]+)/([^/]+)$", spec):
         # /dev/<vg>/<lv> is how LVM names logical volumes.
-        return SpecResolution(None, "lvm", "LVM logical volumes are not partitions")
+        return _by_lv_name(match.group(1), match.group(2), spec, volumes)
     return SpecResolution(None, "device-name", f"unrecognised device name {spec}")
 
 
 def resolve_spec(
-    spec: str, filesystems: Sequence[Filesystem], partitions: Sequence[Partition]
+    spec: str,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
 ) -> SpecResolution:
-    """Map one fstab device spec to a partition number of this disk."""
+    """Map one fstab device spec to a partition number of this disk, or, given the
+    VM's `volumes` (filesystems and partitions numbered VM-wide), to a volume of any
+    of its disks or LVs: `/dev/sdb2` by disk order, `/dev/mapper/VG-LV`, `/dev/VG/LV`."""
     tag = _tag(spec)
     if tag is not None:
         style, value = tag
         return _by_tag(style, value, spec, filesystems, partitions)
     if spec.startswith("/dev/"):
-        return _by_device_name(spec, filesystems, partitions)
+        return _by_device_name(spec, filesystems, partitions, volumes)
     return SpecResolution(None, "none", f"{spec} does not name a block device")
 
 
 def resolve_entry(
-    entry: FstabEntry, filesystems: Sequence[Filesystem], partitions: Sequence[Partition]
+    entry: FstabEntry,
+    filesystems: Sequence[Filesystem],
+    partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
 ) -> ResolvedFstabEntry:
     kind = classify_entry(entry)
     if kind != KIND_DEVICE:
         return ResolvedFstabEntry(entry, kind, None, "none", f"{kind} mount, not a partition")
-    found = resolve_spec(entry.spec, filesystems, partitions)
+    found = resolve_spec(entry.spec, filesystems, partitions, volumes)
     return ResolvedFstabEntry(entry, kind, found.partition, found.how, found.reason)
 
 
@@ -346,6 +408,7 @@ def resolve_fstab(
     entries: Iterable[FstabEntry],
     filesystems: Sequence[Filesystem],
     partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
 ) -> list[ResolvedFstabEntry]:
     """Resolve every entry; non-device entries are kept with no partition."""
-    return [resolve_entry(entry, filesystems, partitions) for entry in entries]
+    return [resolve_entry(entry, filesystems, partitions, volumes) for entry in entries]
