@@ -139,6 +139,10 @@ def write_summary_if_finished(store: BatchStore, job_store: JobStore, batch: str
     except OutputError as exc:
         # The batch still ends; `vmcraft-tasks report` names the problem again.
         log.warning("batch %s: no summary written: %s", batch, exc)
+    except ValueError as exc:
+        # A report that breaks its published model (a bug here) is never written; the
+        # batch still ends, and the log says why its summary is missing.
+        log.error("batch %s: no summary written: a VM report breaks its model: %s", batch, exc)
     return True
 
 

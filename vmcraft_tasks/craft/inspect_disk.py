@@ -15,6 +15,7 @@ from vmcraft_tasks.craft.mount.ladder import MountResult
 from vmcraft_tasks.craft.mount.plan import UNMOUNTABLE_TYPES
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem, filesystem_from_blkid
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 
 class AttachedGuest(Protocol):
@@ -123,8 +124,12 @@ def find_roots(
     partitions: list[Partition],
     filesystems: list[Filesystem],
     mounts: dict[int, MountResult],
+    volumes: VolumeTable | None = None,
 ) -> list[OSInfo]:
-    """Inspect every mounted filesystem that looks like an OS root (pure reading)."""
+    """Inspect every mounted filesystem that looks like an OS root (pure reading).
+
+    `volumes`: the VM's volume table when the numbers are VM-wide (see `craft.volumes`).
+    """
     roots = []
     for number, result in sorted(mounts.items()):
         if not result.ok or not looks_like_os_root(result.mountpoint):
@@ -134,6 +139,7 @@ def find_roots(
             root_partition=number,
             filesystems=filesystems,
             partitions=partitions,
+            volumes=volumes,
         )
         if info is not None:
             roots.append(info)

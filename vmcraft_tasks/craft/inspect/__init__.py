@@ -19,6 +19,7 @@ from vmcraft_tasks.craft.inspect.windows import (
 )
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 __all__ = ["OSInfo", "inspect_root", "looks_like_os_root"]
 
@@ -52,8 +53,12 @@ def inspect_root(
     root_partition: int,
     filesystems: Sequence[Filesystem],
     partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
 ) -> OSInfo | None:
     """Inspect the guest filesystem mounted at `root`; None when it is not an OS root.
+
+    `volumes`: the VM's volume table when `filesystems`/`partitions` are numbered
+    VM-wide (several disks, LVs), so its fstab resolves across all of them.
 
     Raises InspectError when `root` itself is unusable (missing, not a directory).
     """
@@ -67,7 +72,11 @@ def inspect_root(
         return windows
     if _looks_like_linux(fs):
         return inspect_linux(
-            fs, root_partition=root_partition, filesystems=filesystems, partitions=partitions
+            fs,
+            root_partition=root_partition,
+            filesystems=filesystems,
+            partitions=partitions,
+            volumes=volumes,
         )
     if _looks_like_windows(windows_fs):
         # A Windows directory without cmd.exe: recovery partitions and damaged

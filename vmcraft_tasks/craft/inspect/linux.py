@@ -32,6 +32,7 @@ from vmcraft_tasks.craft.inspect.osrelease import (
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.redact import redact_line
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 # Config files are small; a huge one is hostile or corrupt and not worth reading.
 TEXT_FILE_CAP = 1024 * 1024
@@ -184,7 +185,10 @@ def read_fstab(
     filesystems: Sequence[Filesystem],
     partitions: Sequence[Partition],
     notes: list[str],
+    volumes: VolumeTable | None = None,
 ) -> tuple[ResolvedFstabEntry, ...]:
+    """The guest's fstab, each entry resolved to a partition of this disk, or, given the
+    VM's `volumes`, to a volume of any of its disks or LVs."""
     text = _read_optional(fs, "/etc/fstab", notes)
     if text is None:
         notes.append("no /etc/fstab")
@@ -193,7 +197,7 @@ def read_fstab(
     # password=... option (or URL password) must not go with it. Resolution uses the
     # spec, mountpoint and option names, which redaction keeps.
     entries = [_without_secrets(entry) for entry in parse_fstab(text)]
-    return tuple(resolve_fstab(entries, filesystems, partitions))
+    return tuple(resolve_fstab(entries, filesystems, partitions, volumes))
 
 
 def _without_secrets(entry: FstabEntry) -> FstabEntry:
@@ -210,8 +214,9 @@ def inspect_linux(
     root_partition: int,
     filesystems: Sequence[Filesystem],
     partitions: Sequence[Partition],
+    volumes: VolumeTable | None = None,
 ) -> OSInfo:
-    """Inspect the Linux root mounted at `fs.root`."""
+    """Inspect the Linux root mounted at `fs.root` (`volumes`: see `read_fstab`)."""
     notes: list[str] = []
     distro = detect_distro(fs, notes)
     if distro is None:
@@ -231,6 +236,6 @@ def inspect_linux(
         hostname=bounded(detect_hostname(fs, notes)),
         package_format=package_format,
         package_management=detect_package_management(fs, package_format, distro),
-        fstab=read_fstab(fs, filesystems, partitions, notes),
+        fstab=read_fstab(fs, filesystems, partitions, notes, volumes),
         notes=tuple(notes),
     )
