@@ -4,7 +4,6 @@ the host's LVM state and the sources unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.lvmhost import host_lvm_unchanged  # noqa: F401 (autouse)
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.guestvm import GuestVM, GuestVMError, VMReport
 from vmcraft_tasks.samples import lvmkit
@@ -21,36 +21,6 @@ from vmcraft_tasks.samples.recipes import rhel_lvm, rhel_lvm_twin, thin_root, tw
 from vmcraft_tasks.samples.toolkit import BuiltImage, sha256_file
 
 pytestmark = pytest.mark.integration
-
-HOST_LVM_TREES = ("/etc/lvm", "/run/lvm", "/run/lock/lvm")
-
-
-def tree_digest(root: str) -> str | None:
-    """Names, modes, mtimes and contents of everything under `root`; None if absent."""
-    if not os.path.lexists(root):
-        return None
-    digest = hashlib.sha256()
-    for here, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted([*dirs, *files]):
-            path = os.path.join(here, name)
-            st = os.lstat(path)
-            digest.update(
-                f"{os.path.relpath(path, root)}\0{st.st_mode}\0{st.st_mtime_ns}\0".encode()
-            )
-            if os.path.isfile(path) and not os.path.islink(path):
-                with open(path, "rb") as fh:
-                    digest.update(fh.read())
-    st = os.lstat(root)
-    digest.update(f"{st.st_mode}\0{st.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def host_lvm_unchanged() -> Iterator[None]:
-    before = {root: tree_digest(root) for root in HOST_LVM_TREES}
-    yield
-    assert {root: tree_digest(root) for root in HOST_LVM_TREES} == before
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ what cannot be exposed, and the host's LVM state untouched."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lvmhost import host_lvm_unchanged  # noqa: F401 (autouse)
 from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.images import probe_image
 from vmcraft_tasks.craft.lvm import config, expose, layout, tools
@@ -33,41 +33,6 @@ from vmcraft_tasks.samples.toolkit import BuiltImage, sha256_file
 pytestmark = pytest.mark.integration
 
 LVM_PV_TYPE = "e6d6d379-f507-44c2-a23c-238f2a3df928"
-HOST_LVM_TREES = ("/etc/lvm", "/run/lvm", "/run/lock/lvm")
-
-
-# --------------------------------------------------------------------------- host state
-
-
-def tree_digest(root: str) -> str | None:
-    """Names, types, modes, mtimes and contents of everything under `root`; None if absent."""
-    if not os.path.lexists(root):
-        return None
-    digest = hashlib.sha256()
-    for here, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted([*dirs, *files]):
-            path = os.path.join(here, name)
-            st = os.lstat(path)
-            digest.update(
-                f"{os.path.relpath(path, root)}\0{st.st_mode}\0{st.st_mtime_ns}\0".encode()
-            )
-            if os.path.isfile(path) and not os.path.islink(path):
-                with open(path, "rb") as fh:
-                    digest.update(fh.read())
-    st = os.lstat(root)
-    digest.update(f"{st.st_mode}\0{st.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def host_lvm_unchanged() -> Iterator[None]:
-    """The host's /etc/lvm and /run/lvm (and lvm's lock dir) are byte-for-byte unchanged;
-    one that did not exist still does not."""
-    before = {root: tree_digest(root) for root in HOST_LVM_TREES}
-    yield
-    after = {root: tree_digest(root) for root in HOST_LVM_TREES}
-    assert after == before
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,14 @@ from vmcraft_tasks.craft.inspect_disk import WHOLE_DISK, find_roots, mountable
 from vmcraft_tasks.craft.inspect_disk import scan as scan_disk
 from vmcraft_tasks.craft.lvm import expose, layout, tools
 from vmcraft_tasks.craft.lvm.expose import ExposedLV, PVLocation
-from vmcraft_tasks.craft.mount import ladder, parallel
-from vmcraft_tasks.craft.mount.host import kernel_filesystems
+from vmcraft_tasks.craft.mount import parallel
 from vmcraft_tasks.craft.mount.ladder import MountResult
-from vmcraft_tasks.craft.mount.plan import EXT_TYPES
 from vmcraft_tasks.craft.mount.tracker import MountTracker
 from vmcraft_tasks.craft.nbd.select import make_backend
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.settings import CraftSettings
-from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.craft.vmcraft import VMCraft, mount_block_device
 from vmcraft_tasks.craft.volumes import LVName, Volume, VolumeTable, disk_volume
 
 log = logging.getLogger(__name__)
@@ -422,16 +420,12 @@ class GuestVM:
                 g = self.disks[v.disk]
                 target: int | str = g.disk_device if v.partition == WHOLE_DISK else v.partition
                 return g.mount_with_fallback(target, mountpoint, fstype)
-            dev = self.device(volume)
-            needs_recovery = fstype in EXT_TYPES and probe.ext_needs_recovery(dev)
-            return ladder.mount_with_fallback(
-                dev,
+            return mount_block_device(
+                self.device(volume),
                 mountpoint,
-                fstype=fstype,
+                fstype,
                 readonly=self.readonly,
-                kernel_filesystems=kernel_filesystems(),
                 tracker=self._lv_tracker,
-                needs_recovery=needs_recovery,
             )
         except (VMCraftError, OSError) as exc:
             return MountResult(device=str(volume), mountpoint=mountpoint, ok=False, error=str(exc))

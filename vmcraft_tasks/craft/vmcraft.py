@@ -61,6 +61,28 @@ _QEMU_NBD_REFUSED_IMAGE = (
 )
 
 
+def mount_block_device(
+    dev: str,
+    mountpoint: str,
+    fstype: str | None,
+    *,
+    readonly: bool,
+    tracker: MountTracker,
+) -> MountResult:
+    """The mount ladder on a host block device (a partition's, or an LV's), told whether
+    an ext journal needs recovery and which filesystems the kernel has."""
+    needs_recovery = fstype in EXT_TYPES and probe.ext_needs_recovery(dev)
+    return ladder.mount_with_fallback(
+        dev,
+        mountpoint,
+        fstype=fstype,
+        readonly=readonly,
+        kernel_filesystems=kernel_filesystems(),
+        tracker=tracker,
+        needs_recovery=needs_recovery,
+    )
+
+
 def shared_cache() -> InProcessTTLCache:
     """The process-wide default cache: a rescan of the same image in this process hits it."""
     return _shared_cache
@@ -494,15 +516,8 @@ class VMCraft:
         try:
             dev = self._block_device(device)
             fstype = fstype or self._fstype_of(device)
-            needs_recovery = fstype in EXT_TYPES and probe.ext_needs_recovery(dev)
-            return ladder.mount_with_fallback(
-                dev,
-                mountpoint,
-                fstype=fstype,
-                readonly=self.readonly,
-                kernel_filesystems=kernel_filesystems(),
-                tracker=self._tracker,
-                needs_recovery=needs_recovery,
+            return mount_block_device(
+                dev, mountpoint, fstype, readonly=self.readonly, tracker=self._tracker
             )
         except (VMCraftError, OSError) as exc:
             return MountResult(device=str(device), mountpoint=mountpoint, ok=False, error=str(exc))
