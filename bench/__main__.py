@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("mount_fallback", "4. Mount fallback"),
     ("end_to_end", "5. End to end"),
     ("libguestfs", "6. Against libguestfs"),
+    ("lvm", "7. LVM guests"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Session fixtures for the real bootable Debian guests (vmcraft_tasks/samples/bootable.py).
+"""Session fixtures for the real bootable Debian guests (samples/bootable.py, bootable_lvm.py).
 
 Load with `pytest_plugins = ["tests.conftest_bootable"]`. The first run builds them
 (debootstrap from deb.debian.org, about 2-3 minutes); later runs load the on-disk
@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 from vmcraft_tasks.samples import bootable
 from vmcraft_tasks.samples.bootable import BootableImage
+from vmcraft_tasks.samples.bootable_lvm import LvmBootableImage, bootable_debian_lvm
+
+T = TypeVar("T")
 
 
-def _build(factory: Callable[[], BootableImage]) -> BootableImage:
+def _build(factory: Callable[[], T]) -> T:
     # Loop devices, mounts and debootstrap need root; without it that is an
     # environment limit, not a failure of the code under test.
     if os.geteuid() != 0:
@@ -35,3 +39,9 @@ def bootable_bios() -> BootableImage:
 def bootable_bios_modules_list() -> BootableImage:
     """The same guest with a MODULES=list initramfs of VMware's disk drivers only."""
     return _build(bootable.bootable_debian_bios_modules_list)
+
+
+@pytest.fixture(scope="session")
+def bootable_lvm() -> LvmBootableImage:
+    """Debian 12 on LVM over two disks (VG deb12-vg: root, swap_1, srv across both PVs)."""
+    return _build(bootable_debian_lvm)

@@ -170,8 +170,10 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
     conversions = {c.get("target"): c for c in result.get("conversions") or []}
     conversions.update({c.get("target"): c for c in record.progress.get("conversions") or []})
     disks = []
-    for disk in vm["disks"]:
+    inspected = result.get("disks") or []
+    for index, disk in enumerate(vm["disks"]):
         done = conversions.get(disk["target"], {})
+        found = inspected[index] if index < len(inspected) else {}
         disks.append(
             disk_entry(
                 source=disk["source"],
@@ -183,6 +185,15 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
                 conversion_s=done.get("seconds"),
                 source_identity=done.get("source_identity"),
                 source_unchanged=done.get("source_unchanged"),
+            )
+            | (
+                {
+                    "partitions": found.get("partitions"),
+                    "backend": found.get("backend"),
+                    "attach_attempts": found.get("attach_attempts"),
+                }
+                if found
+                else {}
             )
         )
     fixes = [
@@ -213,6 +224,9 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
         guestcaps=result.get("guestcaps"),
         initramfs=(result.get("preparation") or {}).get("initramfs"),
         notes=result.get("fix_notes") or [],
+        lvs=result.get("lvs") or [],
+        volumes=result.get("volumes") or [],
+        scan_notes=result.get("scan_notes") or [],
     )
     # The report is a published contract (docs/schemas/vm-report.schema.json): one that
     # does not match it is a bug here, and is never written.

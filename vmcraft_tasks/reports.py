@@ -134,6 +134,9 @@ def vm_report(
     guestcaps: Mapping[str, Any] | None = None,
     initramfs: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    lvs: Sequence[Record] = (),
+    volumes: Sequence[Record] = (),
+    scan_notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The report of one VM from the pieces its steps produced.
 
@@ -164,6 +167,9 @@ def vm_report(
             str(n): _mount_entry(m)
             for n, m in sorted((mounts or {}).items(), key=lambda kv: _partition_key(kv[0]))
         },
+        "lvs": [_plain(lv) for lv in lvs],
+        "volumes": [_plain(v) for v in volumes],
+        "scan_notes": list(scan_notes),
         "os": [_plain(o) for o in os_facts],
         "fixes": [dict(f) for f in fixes],
         # Devices the domain got and why (compatibility mode reasons included).
@@ -245,6 +251,8 @@ def _row(report: Mapping[str, Any]) -> dict[str, Any]:
         "os": "data-only" if report.get("data_only") else _os_label(report.get("os") or []),
         "devices": _devices_label(report.get("guestcaps")),
         "disks": len(disks),
+        "lvs": len(report.get("lvs") or []),
+        "lvs_unexposed": sum(1 for lv in report.get("lvs") or [] if lv.get("reason")),
         # Only a total over every disk: a partial sum would understate the VM.
         "disk_bytes": sum(s for s in sizes if s is not None)
         if sizes and None not in sizes
@@ -345,9 +353,14 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def _disks_cell(row: Mapping[str, Any]) -> str:
-    if row["disk_bytes"] is None:
-        return str(row["disks"])
-    return f"{row['disks']} ({human_size(row['disk_bytes'])})"
+    text = str(row["disks"])
+    if row["disk_bytes"] is not None:
+        text += f" ({human_size(row['disk_bytes'])})"
+    if row.get("lvs"):
+        text += f", {row['lvs']} LVs"
+        if row.get("lvs_unexposed"):
+            text += f" ({row['lvs_unexposed']} not exposed)"
+    return text
 
 
 def _fixes_cell(row: Mapping[str, Any]) -> str:

@@ -29,7 +29,7 @@ from celery import Celery
 
 from vmcraft_tasks import jobs
 from vmcraft_tasks.batches import BatchStore
-from vmcraft_tasks.craft.vmcraft import VMCraft
+from vmcraft_tasks.craft.vmstate import release_vm
 from vmcraft_tasks.jobs import JobNotFoundError, JobStore
 from vmcraft_tasks.migration import batch_vm_of, vm_ended, vm_plan
 from vmcraft_tasks.outfiles import OutputError
@@ -48,7 +48,8 @@ def release(rt: HostRuntime, job_id: str, state_dir: str | None = None) -> bool:
     """Detach the VM's disks (if `state_dir`, already checked to be this host's attach
     for the job, is still there) and give its slot back; True if the slot was held."""
     if state_dir and os.path.isdir(state_dir):
-        VMCraft.resume(state_dir, settings=rt.craft_settings, cache=rt.cache).shutdown()
+        # Every disk of the VM and its LVs, in the order they hold each other.
+        release_vm(state_dir)
     if not rt.leases.release(job_id):
         return False  # released before: the VM's time on this host is recorded once
     try:

@@ -50,7 +50,8 @@ from celery import Celery, current_app
 from vmcraft_tasks import jobs, keys
 from vmcraft_tasks.batches import BatchStore
 from vmcraft_tasks.craft.nbd.helpers import process_alive
-from vmcraft_tasks.craft.nbd.reap import attach_state_dirs, release_state_dir
+from vmcraft_tasks.craft.nbd.reap import attach_state_dirs
+from vmcraft_tasks.craft.vmstate import release_vm
 from vmcraft_tasks.jobmarker import read_job_marker
 from vmcraft_tasks.migration import batch_vm_of, requeue_vm
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
@@ -418,7 +419,7 @@ class Reconciler:
 
     def _release_dir(self, state_dir: str, report: ReconcileReport, why: str) -> None:
         try:
-            release_state_dir(state_dir)
+            release_vm(state_dir)
         except Exception as exc:  # one stuck attach must not stop the rest
             log.warning("could not release %s (%s): %s", state_dir, why, exc)
             return

@@ -114,6 +114,9 @@ def test_vm_report_fields_and_order() -> None:
         "partitions",
         "filesystems",
         "mounts",
+        "lvs",
+        "volumes",
+        "scan_notes",
         "os",
         "fixes",
         "guestcaps",
@@ -233,6 +236,8 @@ def test_summary_rows_are_sorted_and_compact() -> None:
         "host": "host-a",
         "os": "Debian GNU/Linux 12 (bookworm)",
         "disks": 1,
+        "lvs": 0,
+        "lvs_unexposed": 0,
         "disk_bytes": 20 * GIB,
         "fixes": 1,
         "devices": None,
@@ -510,3 +515,18 @@ def test_markdown_keeps_guest_control_characters_and_markup_out() -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in cells[3] and "\\|" in cells[3]
     assert len(cells[8]) < 400  # the full reason is in the JSON
     assert summary_of(report)["vms"][0]["os"] == hostile.product_name  # JSON keeps it raw
+
+
+def test_the_summary_counts_a_vms_lvs_and_the_ones_not_exposed() -> None:
+    lv = {"vg": "rl", "vg_uuid": "v", "lv_uuid": "u", "size": 1, "volume": 100000}
+    report = vm_report(
+        vm_id="rhel01",
+        status="failed",
+        error="no operating system root found on any volume",
+        lvs=[{**lv, "lv": "root", "reason": "thin volume"}, {**lv, "lv": "swap", "reason": None}],
+        scan_notes=["rl/root: thin volume"],
+    )
+    assert report["lvs"][0]["reason"] == "thin volume" and report["scan_notes"]
+    (row,) = summary_of(report)["vms"]
+    assert (row["lvs"], row["lvs_unexposed"]) == (2, 1)
+    assert "| 0, 2 LVs (1 not exposed) |" in render_markdown(summary_of(report))

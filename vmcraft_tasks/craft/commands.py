@@ -245,6 +245,11 @@ def _pump(proc: subprocess.Popen[bytes], sink: _StreamSink, deadline: float) -> 
     return False
 
 
+def kill_session(proc: subprocess.Popen[Any]) -> None:
+    """Kill a helper started by `spawn_detached`, with everything in its session."""
+    _kill_group(proc)
+
+
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
     """Kill the process group we created for `proc`, then reap its leader.
 

@@ -13,25 +13,26 @@ is k*1000+p, LVs from 100000). Every LV that is not exposed carries its reason.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
 from vmcraft_tasks.craft import probe
-from vmcraft_tasks.craft.cache import ScanCache
+from vmcraft_tasks.craft.cache import ScanCache, cache_key
 from vmcraft_tasks.craft.errors import NotLaunchedError, VMCraftError
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect_disk import WHOLE_DISK, find_roots, mountable
 from vmcraft_tasks.craft.inspect_disk import scan as scan_disk
 from vmcraft_tasks.craft.lvm import expose, layout, tools
-from vmcraft_tasks.craft.lvm.expose import ExposedLV, PVLocation
-from vmcraft_tasks.craft.mount import parallel
+from vmcraft_tasks.craft.lvm.expose import PVLocation
+from vmcraft_tasks.craft.mount import parallel, tree
 from vmcraft_tasks.craft.mount.ladder import MountResult
 from vmcraft_tasks.craft.mount.tracker import MountTracker
 from vmcraft_tasks.craft.nbd.select import make_backend
@@ -39,12 +40,15 @@ from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
 from vmcraft_tasks.craft.settings import CraftSettings
 from vmcraft_tasks.craft.vmcraft import VMCraft, mount_block_device
+from vmcraft_tasks.craft.vmstate import VMRecord, mark_member
 from vmcraft_tasks.craft.volumes import LVName, Volume, VolumeTable, disk_volume
 
 log = logging.getLogger(__name__)
 
 PV_TYPE = "LVM2_member"
 LUKS_TYPE = "crypto_LUKS"
+# Scan cache kind of a VM's LVM layouts (keyed by every disk holding one of its PVs).
+KIND_LVM = "lvm"
 
 
 class GuestVMError(VMCraftError):
@@ -78,6 +82,10 @@ class LVInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LVInfo:
+        return cls(**data)
+
 
 @dataclass
 class VMScan:
@@ -89,6 +97,30 @@ class VMScan:
     filesystems: list[Filesystem]  # disks' and LVs', `partition` is the volume number
     lvs: list[LVInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the VM record keeps (the volume table is rebuilt from it)."""
+        return {
+            "disks": [[p.to_dict() for p in parts] for parts in self.disks],
+            "filesystems": [f.to_dict() for f in self.filesystems],
+            "lvs": [lv.to_dict() for lv in self.lvs],
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VMScan:
+        disks = [[Partition.from_dict(p) for p in parts] for parts in data["disks"]]
+        lvs = [LVInfo.from_dict(lv) for lv in data["lvs"]]
+        names = [LVName(vg=lv.vg, lv=lv.lv, vg_uuid=lv.vg_uuid) for lv in lvs]
+        table = VolumeTable.build(disks, names)
+        return cls(
+            volumes=table,
+            disks=disks,
+            partitions=table.vm_partitions(disks),
+            filesystems=[Filesystem.from_dict(f) for f in data["filesystems"]],
+            lvs=lvs,
+            notes=list(data["notes"]),
+        )
 
 
 @dataclass
@@ -146,6 +178,39 @@ def no_root_reason(described: str, lvs: Iterable[LVInfo]) -> str:
     return text
 
 
+def lvm_cache_key(pv_disks: Sequence[tuple[str, int]], pv_places: Sequence[tuple[int, int]]) -> str:
+    """The scan cache key of a VM's LVM layout (pure): every disk holding one of its PVs
+    (identity and generation, so an edit of any of them misses) and where on them the
+    PVs are."""
+    disks = "+".join(f"{identity}@g{generation}" for identity, generation in pv_disks)
+    places = ",".join(f"{disk}.{part}" for disk, part in pv_places)
+    return cache_key(f"vm[{disks}]", 0, KIND_LVM, places)
+
+
+def _device_pattern(devices: Sequence[str]) -> re.Pattern[str]:
+    # Longest first, and never a prefix of a longer name (/dev/loop1 in /dev/loop12).
+    names = sorted(devices, key=len, reverse=True)
+    return re.compile("|".join(re.escape(d) + r"(?![0-9A-Za-z])" for d in names))
+
+
+def tokenize_devices(report: dict[str, Any], devices: Sequence[str]) -> dict[str, Any]:
+    """`report` with this attach's PV device paths replaced by their positions (pure):
+    device names are host-local and change with every attach."""
+    if not devices:
+        return report
+    index = {d: i for i, d in enumerate(devices)}
+    text = _device_pattern(devices).sub(lambda m: f"@pv{index[m.group(0)]}@", json.dumps(report))
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def untokenize_devices(report: dict[str, Any], devices: Sequence[str]) -> dict[str, Any]:
+    """The inverse of `tokenize_devices` for this attach's PV devices (pure)."""
+    text = re.sub(r"@pv(\d+)@", lambda m: devices[int(m.group(1))], json.dumps(report))
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
 def describe_volumes(filesystems: Iterable[Filesystem], table: VolumeTable) -> str:
     parts = []
     for fs in filesystems:
@@ -166,21 +231,21 @@ class GuestVM:
         readonly: bool = True,
         settings: CraftSettings | None = None,
         cache: ScanCache | None = None,
+        formats: Sequence[str | None] | None = None,
     ) -> None:
         if not paths:
             raise ValueError("a VM needs at least one disk")
+        if formats is not None and len(formats) != len(paths):
+            raise ValueError("one format (or None) per disk")
         self.paths = [os.path.abspath(p) for p in paths]
         self.readonly = readonly
         self.settings = settings or CraftSettings()
         self.cache = cache
+        self.formats: list[str | None] = list(formats) if formats else [None] * len(paths)
         self._disks: list[VMCraft] = []
         self._scan: VMScan | None = None
-        self._exposed: dict[int, ExposedLV] = {}  # volume number -> exposed LV
         self._lv_tracker = MountTracker()
         self._parent: str | None = None  # the boot disk's attach state dir
-        # nbdkit ends its service when the thread that started it exits (a parent-death
-        # signal): LV helpers are started on this thread, which lives until shutdown().
-        self._owner: ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -192,7 +257,7 @@ class GuestVM:
         for index, path in enumerate(self.paths):
             g = VMCraft(path, readonly=self.readonly, settings=self.settings, cache=self.cache)
             try:
-                g.launch()
+                g.launch(fmt=self.formats[index])
             except (VMCraftError, OSError) as exc:
                 for other in reversed(attached):
                     try:
@@ -201,9 +266,58 @@ class GuestVM:
                         log.warning("releasing %s: %s", other.path, release_exc)
                 raise GuestVMError(index + 1, path, str(exc)) from exc
             attached.append(g)
-        self._disks = attached
-        self._parent = attached[0].disk.state_dir
+            if index == 0:
+                # Recorded as each disk comes, so a crash mid-way still leaves the VM's
+                # record to release from.
+                self._parent = g.disk.state_dir
+            else:
+                mark_member(g.disk.state_dir, self.parent)
+            self._disks = attached
+            self._save()
         return self
+
+    @classmethod
+    def resume(
+        cls,
+        state_dir: str,
+        *,
+        settings: CraftSettings | None = None,
+        cache: ScanCache | None = None,
+    ) -> GuestVM:
+        """Take over a VM attached by another process of this host (a later task step),
+        from its boot disk's attach state directory; nothing is re-attached."""
+        record = VMRecord.load(state_dir)
+        dirs = record.disks if record is not None else [state_dir]
+        disks = [VMCraft.resume(d, settings=settings, cache=cache) for d in dirs]
+        vm = cls(
+            [g.image.path for g in disks],
+            readonly=disks[0].readonly,
+            settings=settings,
+            cache=cache,
+            formats=[g.image.format for g in disks],
+        )
+        vm._disks = disks
+        vm._parent = disks[0].disk.state_dir
+        if record is not None and record.scan is not None:
+            vm._scan = VMScan.from_dict(record.scan)
+        return vm
+
+    def forget(self) -> None:
+        """Drop this handle but leave the VM attached, its LVs exposed and its
+        filesystems mounted, for a later step."""
+        for g in self._disks:
+            g.forget()
+        self._disks = []
+        self._scan = None
+        self._parent = None
+
+    def _save(self) -> None:
+        VMRecord(
+            disks=[g.disk.state_dir for g in self._disks],
+            readonly=self.readonly,
+            scan=None if self._scan is None else self._scan.to_dict(),
+            formats=[g.image.format for g in self._disks],
+        ).save(self.parent)
 
     def shutdown(self) -> None:
         """Unmount everything, release the LVs, then detach every disk; safe twice.
@@ -228,11 +342,7 @@ class GuestVM:
                 g.shutdown()
             except (VMCraftError, OSError) as exc:
                 errors.append(f"{g.path}: {exc}")
-        if self._owner is not None:
-            self._owner.shutdown(wait=True)
-            self._owner = None
         self._disks = []
-        self._exposed.clear()
         self._scan = None
         self._parent = None
         if errors:
@@ -268,17 +378,23 @@ class GuestVM:
             raise NotLaunchedError()
         return self._parent
 
+    @property
+    def state_dirs(self) -> list[str]:
+        """Every disk's attach state directory, the boot disk's first."""
+        return [g.disk.state_dir for g in self.disks]
+
     # -- scanning --------------------------------------------------------------
 
     def scan(self) -> VMScan:
         """Partitions and filesystems of every disk, the VGs on their PVs, every
-        exposable LV exposed and probed; cached until shutdown."""
+        exposable LV exposed and probed; kept in the VM record until shutdown."""
         if self._scan is not None:
             return self._scan
         disks = self.disks
         per_disk: list[list[Partition]] = []
         filesystems: list[Filesystem] = []
         pv_devices: list[str] = []
+        pv_places: list[tuple[int, int]] = []  # (disk, partition) of each PV
         locations: dict[str, PVLocation] = {}  # PV device -> where its bytes are
         notes: list[str] = []
         for index, g in enumerate(disks):
@@ -289,6 +405,7 @@ class GuestVM:
                 if fs.type == PV_TYPE:
                     device, where = self._pv_device(g, by_number.get(fs.partition))
                     pv_devices.append(device)
+                    pv_places.append((index, fs.partition))
                     locations[device] = where
                 elif fs.type == LUKS_TYPE:
                     volume = Volume(disk_volume(index, fs.partition), disk=index, partition=0)
@@ -296,15 +413,23 @@ class GuestVM:
                         volume = replace(volume, partition=fs.partition)
                     notes.append(layout.luks_reason(volume.label))
             filesystems += vm_filesystems(index, found)
-        vgs = layout.parse(tools.report(pv_devices)) if pv_devices else ()
+        key = self._lvm_key(pv_places)
+        cached = self._cached_lvm(key, pv_devices)
+        report = cached["report"] if cached else (tools.report(pv_devices) if pv_devices else {})
+        vgs = layout.parse(report) if pv_devices else ()
         table = VolumeTable.build(per_disk, lv_names(vgs))
-        if self._owner is None:
-            self._owner = ThreadPoolExecutor(1, thread_name_prefix="guestvm-lvs")
-        lvs = self._owner.submit(self._expose_all, vgs, table, locations).result()
-        exposed = {lv.device: lv.volume for lv in lvs if lv.device}
-        if exposed:
-            for device, tags in probe.run_blkid(*exposed).items():
-                filesystems.append(probe.filesystem_from_blkid(exposed[device], tags))
+        lvs = self._expose_all(vgs, table, locations)
+        probes: dict[str, dict[str, str]] = dict(cached["lv_probes"]) if cached else {}
+        exposed = {lv.device: lv for lv in lvs if lv.device}
+        unprobed = [d for d, lv in exposed.items() if lv.lv_uuid not in probes]
+        if unprobed:
+            for device, tags in probe.run_blkid(*unprobed).items():
+                probes[exposed[device].lv_uuid] = tags
+        for lv in exposed.values():
+            filesystems.append(probe.filesystem_from_blkid(lv.volume, probes.get(lv.lv_uuid, {})))
+        if key is not None and not cached and self.cache is not None:
+            value = {"report": tokenize_devices(report, pv_devices), "lv_probes": probes}
+            self.cache.set(key, value, self.boot_disk.cache_ttl.for_kind(KIND_LVM))
         for vg in vgs:
             for uuid in vg.missing_pvs:
                 notes.append(f"VG {vg.name} ({vg.uuid}): PV {uuid} is missing")
@@ -317,7 +442,33 @@ class GuestVM:
             lvs=lvs,
             notes=notes,
         )
+        self._save()
         return self._scan
+
+    def _lvm_key(self, pv_places: Sequence[tuple[int, int]]) -> str | None:
+        if not pv_places or self.cache is None:
+            return None
+        pv_disks = sorted({d for d, _ in pv_places})
+        identities = [self.disks[d].image.identity for d in pv_disks]
+        return lvm_cache_key([(i, self.cache.generation(i)) for i in identities], sorted(pv_places))
+
+    def _cached_lvm(self, key: str | None, pv_devices: Sequence[str]) -> dict[str, Any] | None:
+        if key is None or self.cache is None:
+            return None
+        value = self.cache.get(key, KIND_LVM)
+        if not isinstance(value, dict) or "report" not in value:
+            return None
+        return {
+            "report": untokenize_devices(value["report"], pv_devices),
+            "lv_probes": value.get("lv_probes") or {},
+        }
+
+    def invalidate_scan_cache(self) -> None:
+        """Make every cached scan of this VM's disks unreachable (after writing to them)."""
+        if self.cache is None:
+            return
+        for g in self.disks:
+            self.cache.bump_generation(g.image.identity)
 
     def _pv_device(self, g: VMCraft, part: Partition | None) -> tuple[str, PVLocation]:
         """A block device lvm can read the PV from, and where its bytes are in the disk."""
@@ -359,7 +510,6 @@ class GuestVM:
                     except (VMCraftError, OSError) as exc:
                         info = replace(info, reason=f"VG {vg.name}: LV {lv.name}: {exc}")
                     else:
-                        self._exposed[info.volume] = e
                         info = replace(info, method=e.method, device=e.device)
                 out.append(info)
         return out
@@ -393,11 +543,11 @@ class GuestVM:
         """The host block device (or disk file) of a volume."""
         v = self._volume(volume)
         if v.is_lv:
-            exposed = self._exposed.get(volume)
-            if exposed is None:
-                reason = self.lv_reasons().get(f"{v.vg}/{v.lv}", "not exposed")
+            lv = next((lv for lv in self.scan().lvs if lv.volume == volume), None)
+            if lv is None or lv.device is None:
+                reason = (lv.reason if lv else None) or "not exposed"
                 raise VMCraftError(f"{v.label} has no device: {reason}")
-            return exposed.device
+            return lv.device
         assert v.disk is not None and v.partition is not None
         g = self.disks[v.disk]
         return g.disk_device if v.partition == WHOLE_DISK else g.device(v.partition)
@@ -445,6 +595,21 @@ class GuestVM:
         """A fresh directory in the boot disk's private attach state."""
         return self.boot_disk.private_mountpoint(name)
 
+    def mount_guest_tree(self, root: OSInfo, mounts: dict[int, MountResult]) -> list[str]:
+        """Bind the guest's other filesystems (on any disk or LV) inside its root mount
+        where its fstab puts them, so the root mount shows the guest's whole tree.
+
+        `root.fstab` must have been resolved with this VM's volumes (`inspect`, or
+        `find_roots(..., volumes=...)`); returns notes on entries that could not be placed.
+        """
+        root_mount = mounts.get(root.root_partition)
+        if root_mount is None or not root_mount.ok:
+            label = self._volume(root.root_partition).label
+            raise VMCraftError(f"{label} (the guest root) is not mounted")
+        mounted = {n: m.mountpoint for n, m in mounts.items() if m.ok}
+        binds, notes = tree.tree_mounts(root.fstab, mounted, root_partition=root.root_partition)
+        return notes + tree.assemble(root_mount.mountpoint, binds, self._lv_tracker)
+
     def umount_all(self) -> list[str]:
         failed = self._lv_tracker.umount_all()
         for g in self._disks:
@@ -487,6 +652,21 @@ class GuestVM:
                 "inspect": round((t3 - t2) * 1000, 2),
             },
         )
+
+    def layout(self) -> dict[str, Any]:
+        """The VM's disks, LVs, volumes and scan notes, as reports list them."""
+        found = self.scan()
+        return {
+            "disks": [self._disk_entry(i, g, found) for i, g in enumerate(self.disks)],
+            "lvs": [lv.to_dict() for lv in found.lvs],
+            "volumes": self._volume_entries(found),
+            "notes": list(found.notes),
+        }
+
+    def no_root_reason(self) -> str:
+        """Why no OS root was found, naming every volume scanned and every LV left out."""
+        found = self.scan()
+        return no_root_reason(describe_volumes(found.filesystems, found.volumes), found.lvs)
 
     @staticmethod
     def _disk_entry(index: int, g: VMCraft, found: VMScan) -> dict[str, Any]:

@@ -7,8 +7,14 @@ names it still depends on. For Windows: the capabilities from its driver service
 
 `problem` is set whenever the tool knows the guest would not boot as handed back
 (a fix that could not be written, a failed or refused initramfs rebuild, a device
-name no bus provides, no driver for any disk bus). A caller must then fail the VM
-with that reason instead of calling it done.
+name no bus provides, no driver for any disk bus, an LV on the kernel command line
+the VM does not have). A caller must then fail the VM with that reason instead of
+calling it done.
+
+A VM of several disks or with LVM passes its `volumes` (filesystems and partitions
+then numbered VM-wide) and its `lvs`: device names of every disk are fixed, the
+kernel command lines' LVM names are checked against the VM's LVs, and a root or /usr
+on an LV gets an initramfs that activates LVM.
 """
 
 from __future__ import annotations
@@ -21,11 +27,20 @@ from vmcraft_tasks.craft.errors import VMCraftError
 from vmcraft_tasks.craft.fixes.devicenames import DeviceNameUse, device_name_uses
 from vmcraft_tasks.craft.fixes.distros import apply_fixes
 from vmcraft_tasks.craft.fixes.initramfs_regen import (
+    Generator,
     InitramfsError,
     InitramfsReport,
+    detect_generator,
     find_kernels,
     initramfs_modules,
     regenerate_initramfs,
+)
+from vmcraft_tasks.craft.fixes.lvmboot import (
+    LVFacts,
+    LvmBootFinding,
+    check_lvm_boot,
+    lv_mounts,
+    read_boot_config,
 )
 from vmcraft_tasks.craft.fixes.model import FixReport
 from vmcraft_tasks.craft.guestcaps import (
@@ -41,6 +56,7 @@ from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect.windows import windows_driver_facts
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 Mode = Literal["apply", "dry_run", "off"]
 # SATA disks need the AHCI controller driver and the SCSI disk driver at boot.
@@ -66,6 +82,7 @@ class Preparation:
     kernels: tuple[KernelDrivers, ...] = ()
     notes: tuple[str, ...] = ()
     problem: str | None = None
+    lvm_boot: tuple[LvmBootFinding, ...] = ()  # LVM names on kernel command lines
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +98,7 @@ class Preparation:
             ],
             "notes": list(self.notes),
             "problem": self.problem,
+            "lvm_boot": [finding.to_dict() for finding in self.lvm_boot],
         }
 
 
@@ -98,11 +116,27 @@ def prepare_guest(
     *,
     mode: Mode,
     timeout_s: float = 900.0,
+    volumes: VolumeTable | None = None,
+    lvs: Sequence[LVFacts] | None = None,
 ) -> Preparation:
-    """Fix (mode "apply"), report what would be done ("dry_run"), or only look ("off")."""
+    """Fix (mode "apply"), report what would be done ("dry_run"), or only look ("off").
+
+    Without `volumes`, `filesystems`, `partitions` and `os_info` describe the boot
+    disk alone. With the VM's `volumes` they are numbered VM-wide (`craft.volumes`).
+    `lvs` are the VM's LVs (`craft.guestvm.LVInfo`: vg, lv, and the reason one cannot
+    be used); given (even empty), the guest's kernel command lines are checked
+    against them.
+    """
     if os_info.type == "linux":
         return _prepare_linux(
-            root, os_info, filesystems, partitions, mode=mode, timeout_s=timeout_s
+            root,
+            os_info,
+            filesystems,
+            partitions,
+            mode=mode,
+            timeout_s=timeout_s,
+            volumes=volumes,
+            lvs=lvs,
         )
     if os_info.type == "windows":
         return _prepare_windows(root, mode)
@@ -126,7 +160,13 @@ def _fix_problems(report: FixReport) -> list[str]:
 
 
 def _rebuild(
-    root: str, os_info: OSInfo, mode: Mode, timeout_s: float, found: _Findings
+    root: str,
+    os_info: OSInfo,
+    mode: Mode,
+    timeout_s: float,
+    found: _Findings,
+    *,
+    needs_lvm: str | None = None,
 ) -> InitramfsReport | None:
     if mode == "off":
         found.notes.append("initramfs not rebuilt: fixes are switched off for this VM")
@@ -134,13 +174,52 @@ def _rebuild(
     try:
         # Rebuilt even when the image already has virtio_blk: it embeds copies of the
         # configs the fixes just rewrote (modules list, resume device, crypttab).
-        return regenerate_initramfs(
-            root, arch=os_info.arch, dry_run=mode == "dry_run", timeout_s=timeout_s, force=True
+        report = regenerate_initramfs(
+            root,
+            arch=os_info.arch,
+            dry_run=mode == "dry_run",
+            timeout_s=timeout_s,
+            force=True,
+            needs_lvm=needs_lvm,
         )
     except InitramfsError as exc:
         tail = " | ".join(line.strip() for line in exc.output_tail.splitlines() if line.strip())
         found.problems.append(f"initramfs: {exc.reason}" + (f"; output: {tail}" if tail else ""))
         return exc.report
+    if report.lvm is not None:
+        found.notes.append(f"initramfs: {report.lvm}")
+    return report
+
+
+def _needs_lvm(mounts: dict[str, tuple[str, str]]) -> str | None:
+    """Why the initramfs must activate LVM ("/ is on LV rl/root"), or None."""
+    said = [f"{mountpoint} is on LV {vg}/{lv}" for mountpoint, (vg, lv) in mounts.items()]
+    return " and ".join(said) or None
+
+
+def _lvm_boot(
+    root: str,
+    lvs: Sequence[LVFacts],
+    mounts: dict[str, tuple[str, str]],
+    found: _Findings,
+) -> list[LvmBootFinding]:
+    """The kernel command lines' LVM names checked against the VM's LVs."""
+    fs = GuestFS(root)
+    config = read_boot_config(fs)
+    generator = detect_generator(fs)
+    # Only dracut reads rd.lvm.*; with no generator at all, judge as dracut would.
+    dracut = generator is None or generator.kind is Generator.DRACUT
+    findings = check_lvm_boot(
+        config.cmdlines,
+        lvs,
+        root_lv=mounts.get("/"),
+        dracut=dracut,
+        dm_names=config.dm_names,
+    )
+    for finding in findings:
+        (found.problems if finding.fatal else found.notes).append(f"kernel command line: {finding}")
+    found.notes += config.notes
+    return findings
 
 
 def _kernel_drivers(
@@ -201,20 +280,31 @@ def _prepare_linux(
     *,
     mode: Mode,
     timeout_s: float,
+    volumes: VolumeTable | None = None,
+    lvs: Sequence[LVFacts] | None = None,
 ) -> Preparation:
     found = _Findings()
-    fixes = apply_fixes(GuestFS(root), os_info, filesystems, partitions, dry_run=mode != "apply")
+    fixes = apply_fixes(
+        GuestFS(root),
+        os_info,
+        filesystems,
+        partitions,
+        dry_run=mode != "apply",
+        volumes=volumes,
+    )
     if mode == "apply":
         found.problems += _fix_problems(fixes)
-    rebuilt = _rebuild(root, os_info, mode, timeout_s, found)
+    on_lvs = lv_mounts(os_info, volumes, lvs) if volumes is not None or lvs is not None else {}
+    rebuilt = _rebuild(root, os_info, mode, timeout_s, found, needs_lvm=_needs_lvm(on_lvs))
     kernels = _kernel_drivers(root, os_info.arch, rebuilt, found)
     if not kernels:
         found.problems.append("no bootable kernel found (/boot/vmlinuz-* with /lib/modules/*)")
     caps = linux_caps(kernels)
     # In a dry run the guest is unchanged: judge what a real run would hand back only
     # by what the fixes report, not by the untouched files.
-    uses = [] if mode == "dry_run" else device_name_uses(GuestFS(root))
+    uses = [] if mode == "dry_run" else device_name_uses(GuestFS(root), volumes)
     caps = _with_device_names(caps, uses, found)
+    lvm_boot = _lvm_boot(root, lvs, on_lvs, found) if lvs is not None else []
     if caps.block_bus == "sata" and kernels and (gaps := _sata_gaps(kernels)):
         found.problems.append(
             "no disk bus the guest can boot from: " + "; ".join((*caps.reasons, *gaps))
@@ -232,4 +322,5 @@ def _prepare_linux(
         kernels=tuple(kernels),
         notes=tuple(found.notes),
         problem=problem,
+        lvm_boot=tuple(lvm_boot),
     )

@@ -98,6 +98,14 @@ class VMResult(BaseModel):
     filesystems: list[Filesystem]
     mounts: dict[str, MountResult]
     roots: list[dict[str, Any]]
+    # The VM as a whole (craft.guestvm): each disk with its partitions, every LV (how
+    # it was exposed, or why not), every volume, and what the scan noted.
+    disks: list[dict[str, Any]] = Field(default_factory=list)
+    lvs: list[dict[str, Any]] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(default_factory=list)
+    scan_notes: list[str] = Field(default_factory=list)
+    # Why no OS root was found, in words (None: one was, or nobody looked).
+    no_root: str | None = None
     # fix
     data_only: bool = False
     fixes: list[Any] = Field(default_factory=list)

@@ -39,6 +39,28 @@ class DiskReport(_Closed):
     conversion_s: Seconds | None = None
     source_identity: str | None = Field(None, description="what proved the source untouched")
     source_unchanged: bool | None = Field(None, description="None: not checked")
+    # What the inspection found on this disk (null: it was not inspected).
+    partitions: list[dict[str, Any]] | None = Field(
+        None, description="this disk's own partition table, numbered as on the disk"
+    )
+    backend: str | None = Field(None, description="how the disk was attached")
+    attach_attempts: int | None = None
+
+
+class LVReport(_Closed):
+    """One logical volume of the VM: how it was exposed, or why it was not."""
+
+    vg: str
+    vg_uuid: str
+    lv: str
+    lv_uuid: str
+    size: Bytes
+    volume: int = Field(description="its volume number (the key of `mounts`)")
+    method: Literal["loop", "nbdkit", "dm"] | None = Field(
+        None, description="null when not exposed"
+    )
+    device: str | None = None
+    reason: str | None = Field(None, description="why it was not exposed")
 
 
 class FixReport(_Closed):
@@ -101,6 +123,10 @@ class KernelReport(_Closed):
     output_tail: str = ""
     reason: str | None = None
     notes: list[str] = Field(default_factory=list)
+    lvm_before: bool | None = Field(
+        None, description="the image held the lvm binary (null: the root needs no LVM)"
+    )
+    lvm_after: bool | None = None
 
 
 class InitramfsReport(_Closed):
@@ -114,6 +140,7 @@ class InitramfsReport(_Closed):
     modules_policy: str | None
     kernels: list[KernelReport] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    lvm: str | None = Field(None, description="what was done so the images activate LVM")
 
 
 class VMReport(_Closed):
@@ -131,7 +158,17 @@ class VMReport(_Closed):
     disks: list[DiskReport]
     partitions: list[dict[str, Any]]
     filesystems: list[dict[str, Any]]
-    mounts: dict[str, dict[str, Any]] = Field(description="by partition number")
+    mounts: dict[str, dict[str, Any]] = Field(
+        description="by volume number: a partition of the boot disk keeps its number, "
+        "partition p of disk k (k >= 1, counted from 0) is k*1000+p, LVs from 100000"
+    )
+    lvs: list[LVReport] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="every volume with a filesystem, labelled"
+    )
+    scan_notes: list[str] = Field(
+        default_factory=list, description="what the scan could not use, and why"
+    )
     os: list[OSReport]
     fixes: list[FixReport]
     guestcaps: GuestCapsReport | None

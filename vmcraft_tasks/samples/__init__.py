@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmcraft_tasks.samples import bootable, layouts
+from vmcraft_tasks.samples import bootable, bootable_lvm, layouts
 from vmcraft_tasks.samples.recipes import (
     broken_journal_ext4,
     broken_log_xfs,
@@ -32,6 +32,7 @@ from vmcraft_tasks.samples.recipes import (
     rhel_lvm,
     rhel_lvm_twin,
     small_mbr,
+    ten_lvs,
     ten_parts_ubuntu,
     text_vmdk,
     thin_root,
@@ -72,14 +73,19 @@ SAMPLES: dict[str, Recipe] = {
     "rhel_lvm_twin": rhel_lvm_twin.rhel_lvm_twin,
     "thin_root": thin_root.thin_root,
     "two_disks": two_disks.two_disks,
+    "ten_lvs": ten_lvs.ten_lvs,
     # Minutes on first use (debootstrap from deb.debian.org), then cached.
     "bootable_debian_bios": lambda: bootable.bootable_debian_bios().as_built_image(),
     "bootable_debian_bios_modules_list": (
         lambda: bootable.bootable_debian_bios_modules_list().as_built_image()
     ),
+    # Debian 12 on LVM over two disks, as its installer lays it out (multi-disk, as above).
+    "bootable_debian_lvm": lambda: bootable_lvm.bootable_debian_lvm().as_built_image(),
 }
 # The samples that take minutes to build: `warm` leaves them out unless named.
-SLOW = frozenset({"bootable_debian_bios", "bootable_debian_bios_modules_list"})
+SLOW = frozenset(
+    {"bootable_debian_bios", "bootable_debian_bios_modules_list", "bootable_debian_lvm"}
+)
 
 
 def build(name: str) -> BuiltImage:

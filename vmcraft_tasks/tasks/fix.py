@@ -12,10 +12,10 @@ from typing import Any
 
 from vmcraft_tasks import jobs, pipeline
 from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft.guestvm import GuestVM
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.inspect_disk import describe_filesystems
 from vmcraft_tasks.craft.prepare import GuestNotReadyError, Mode, prepare_guest
-from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.models.context import VMResult
 from vmcraft_tasks.models.plan import VMPlan
 from vmcraft_tasks.tasks.runner import VMStep, context, plan, state_dir
@@ -34,6 +34,10 @@ def os_root(result: VMResult) -> OSInfo:
     """The guest's OS root; a boot disk without one fails the VM, naming what it holds."""
     roots = [OSInfo.from_dict(root) for root in result.roots]
     if not roots:
+        if result.no_root:
+            raise GuestNotReadyError(
+                f"{result.no_root}; declare options.os: none for a data-only VM"
+            )
         mounts = {int(n): m for n, m in result.mounts.items()}
         disk = os.path.basename(str(result.image["path"]))
         raise GuestNotReadyError(
@@ -57,29 +61,32 @@ def fix(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) -> Any:
     rt.jobs.transition(ctx.job_id, jobs.FIXING)
     mode = fix_mode(vm)
     mounts = {int(n): m for n, m in result.mounts.items()}
-    g = VMCraft.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
+    guest = GuestVM.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
     try:
-        tree_notes = g.mount_guest_tree(root, mounts)
+        found = guest.scan()
+        tree_notes = guest.mount_guest_tree(root, mounts)
         prep = prepare_guest(
             mounts[root.root_partition].mountpoint,
             root,
             result.filesystems,
             result.partitions,
             mode=mode,
+            volumes=found.volumes,
+            lvs=found.lvs,
         )
         if mode == "apply" and ((prep.fixes is not None and prep.fixes.changed) or prep.initramfs):
-            # The disk changed: cached scans of it must not be served again.
-            g.cache.bump_generation(g.image.identity)
+            # The disks changed (a fix lands on whichever holds the file): cached scans
+            # of any of them, LVM layouts included, must not be served again.
+            guest.invalidate_scan_cache()
     finally:
-        g.forget()
+        guest.forget()
     data = prep.to_dict()
     fixes = data["fixes"] or {}
     notes = [*tree_notes, *fixes.get("notes", []), *prep.notes]
     if len(result.roots) > 1:
-        notes.append(
-            f"{len(result.roots)} OS roots found: prepared the one on partition "
-            f"{root.root_partition}"
-        )
+        where = found.volumes.get(root.root_partition)
+        label = where.label if where else f"partition {root.root_partition}"
+        notes.append(f"{len(result.roots)} OS roots found: prepared the one on {label}")
     if prep.problem:
         raise GuestNotReadyError(prep.problem)
     self.progress(job_id=ctx.job_id, step="fixed", fixes=len(fixes.get("applied", [])))

@@ -1,5 +1,5 @@
-"""inspect: the chord body. Finds the VM's OS roots on what the mounts exposed and
-starts the VM's result."""
+"""inspect: the chord body. Finds the VM's OS roots on what the mounts exposed (fstab
+resolved across all of its disks and LVs) and starts the VM's result."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 from vmcraft_tasks import jobs, pipeline
 from vmcraft_tasks.celery_app import app
+from vmcraft_tasks.craft.guestvm import GuestVM
 from vmcraft_tasks.craft.inspect_disk import find_roots
-from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.models.context import MountOutcome, VMResult
 from vmcraft_tasks.tasks.runner import VMStep, context, state_dir
 from worker.runtime import runtime
@@ -22,22 +22,33 @@ def inspect_vm(self: VMStep, mounts: list[dict[str, Any]], message: dict[str, An
     ctx = context(message)
     rt.jobs.transition(ctx.job_id, jobs.INSPECTING)
     results = {m.partition: m.result for m in (MountOutcome.model_validate(raw) for raw in mounts)}
-    g = VMCraft.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
+    vm = GuestVM.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
     try:
-        roots = find_roots(g, ctx.partitions, ctx.filesystems, results)
+        found = vm.scan()
+        boot = vm.boot_disk
+        roots = find_roots(boot, ctx.partitions, ctx.filesystems, results, volumes=found.volumes)
+        layout = vm.layout()
         result = VMResult(
             job_id=ctx.job_id,
             host=rt.host_id,
-            image=g.image.to_dict(),
-            backend=g.backend_name,
-            attach_attempts=g.attach_attempts,
-            readonly=g.readonly,
+            image=boot.image.to_dict(),
+            backend=boot.backend_name,
+            attach_attempts=boot.attach_attempts,
+            readonly=boot.readonly,
             partitions=ctx.partitions,
             filesystems=ctx.filesystems,
             mounts={str(n): r for n, r in sorted(results.items())},
             roots=[r.to_dict() for r in roots],
+            disks=layout["disks"],
+            lvs=layout["lvs"],
+            volumes=layout["volumes"],
+            scan_notes=layout["notes"],
+            # A lone disk without LVs keeps the boot-disk wording of `fix`.
+            no_root=None
+            if roots or not (found.lvs or len(found.disks) > 1)
+            else vm.no_root_reason(),
         )
     finally:
-        g.forget()
+        vm.forget()
     self.progress(job_id=ctx.job_id, step="inspected", roots=len(roots))
     return result.to_json()

@@ -1,4 +1,5 @@
-"""mount_partition: one filesystem of the VM, under the host-wide mount limit. The
+"""mount_partition: one filesystem of the VM (a partition of any disk, or an LV),
+under the host-wide mount limit. The
 fan-out of the pipeline: one task per filesystem, all joined by the inspection."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from typing import Any
 from vmcraft_tasks import pipeline
 from vmcraft_tasks.celery_app import app
 from vmcraft_tasks.craft import mountinfo
+from vmcraft_tasks.craft.guestvm import GuestVM
 from vmcraft_tasks.craft.inspect_disk import private_mountpoint
-from vmcraft_tasks.craft.vmcraft import VMCraft
 from vmcraft_tasks.models.context import MountOutcome
 from vmcraft_tasks.tasks.runner import VMStep, context, state_dir
 from worker import timeline
@@ -31,17 +32,17 @@ def mount_partition(
     token = f"{job_id}:{number}"
     with rt.mount_slots.hold(token, timeout_s=rt.settings.mount_wait_s):
         started = time.time()
-        g = VMCraft.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
+        vm = GuestVM.resume(state_dir(rt, ctx), settings=rt.craft_settings, cache=rt.cache)
         try:
-            mountpoint = private_mountpoint(g, number)
+            mountpoint = private_mountpoint(vm.boot_disk, number)
             if mountinfo.is_mountpoint(mountpoint):
                 # A redelivered step whose first run died after mounting: start clean,
                 # so the result describes this mount and nothing is stacked on it.
                 mountinfo.unmount(mountpoint)
             # The scan already knew the type: no cache round trip to ask again.
-            result = g.mount_with_fallback(number, mountpoint, fstype)
+            result = vm.mount_with_fallback(number, mountpoint, fstype)
         finally:
-            g.forget()
+            vm.forget()
         ended = time.time()
     timeline.record_interval(rt.state, rt.host_id, "mount", started, ended, token)
     done = rt.jobs.bump_progress(job_id, "mounted")

@@ -1,7 +1,8 @@
 """Offline fixes applied to a converted guest's mounted root so it boots on KVM.
 
 Pure rewriters (fstab, network, initramfs, services) take and return text; the
-per-distro fixers in `distros` do the guest I/O through GuestFS.
+per-distro fixers in `distros` do the guest I/O through GuestFS. `lvmboot` checks the
+LVM names on the guest's kernel command lines against the VM's LVs.
 """
 
 from __future__ import annotations

@@ -19,11 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from vmcraft_tasks.craft.fixes.fstab import Unresolved, is_hardware_name
+from vmcraft_tasks.craft.fixes.fstab import (
+    Unresolved,
+    is_hardware_name,
+    resolve_device,
+    volume_label,
+)
 from vmcraft_tasks.craft.fixes.model import Change, RewriteError
-from vmcraft_tasks.craft.inspect.fstab import resolve_spec
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 # What a device name must hold: "root" is a filesystem that must also be the root found
 # by inspection; "filesystem" any mountable filesystem.
@@ -66,6 +71,7 @@ _GRUB_KERNEL = re.compile(r"^\s*(?:linux|linux16|linuxefi|kernel)\s+\S+(?P<args>
 _GRUB_SET = re.compile(r"^\s*set\s+(?!root=)[A-Za-z_][A-Za-z0-9_]*=(?P<args>.*)$")
 _BLS_OPTIONS = re.compile(r"^\s*options\s(?P<args>.*)$")
 _GRUBENV_KERNELOPTS = re.compile(r"^kernelopts=(?P<args>.*)$")
+_WHOLE_LINE = re.compile(r"^(?P<args>.*)$")
 _DEFAULT_GRUB_CMDLINE = re.compile(
     r"^[ \t]*(?:export[ \t]+)?(GRUB_CMDLINE_LINUX(?:_DEFAULT)?)=", re.MULTILINE
 )
@@ -109,15 +115,22 @@ class DeviceMap:
 
     The guest's first disk (sda, hda, xvda, nvme0n1) is this disk, as the fstab fix
     assumes; names of other disks, whole disks and unknown partitions are never mapped.
+    Given the VM's `volumes` (and `filesystems`, `partitions`, `root_partition`
+    numbered VM-wide), names of the VM's other disks are mapped by the guest's disk
+    order too (/dev/sdb2: disk 2 partition 2); a disk the VM does not have never is.
     `root_partition` (where inspection found "/") is checked against every root=.
     """
 
     filesystems: Sequence[Filesystem]
     partitions: Sequence[Partition]
     root_partition: int | None = None
+    volumes: VolumeTable | None = None
+
+    def _label(self, number: int) -> str:
+        return volume_label(number, self.volumes)
 
     def resolve(self, device: str, want: Want) -> Resolution:
-        found = resolve_spec(device, self.filesystems, self.partitions)
+        found = resolve_device(device, self.filesystems, self.partitions, self.volumes)
         number = found.partition
         if number is None:
             return Resolution(None, found.reason or f"cannot map {device}")
@@ -127,27 +140,34 @@ class DeviceMap:
         if want == "root" and self.root_partition not in (None, number):
             return Resolution(
                 None,
-                f"{device} is partition {number} but the root filesystem was found on "
-                f"partition {self.root_partition}: the guest's disk names cannot be trusted",
+                f"{device} is {self._label(number)} but the root filesystem was found on "
+                f"{self._label(self.root_partition or 0)}: the guest's disk names cannot "
+                "be trusted",
             )
-        return Resolution(uuid, f"{device} is partition {number}; its name changes on KVM")
+        return Resolution(uuid, f"{device} is {self._label(number)}; its name changes on KVM")
 
     def _uuid_of(self, number: int, want: Want) -> tuple[str | None, str | None]:
+        label = self._label(number)
         found = [fs for fs in self.filesystems if fs.partition == number]
         if len(found) != 1:
-            return None, f"blkid found nothing on partition {number}"
+            return None, f"blkid found nothing on {label}"
         fs = found[0]
         if not _holds(fs.type, want):
             held = fs.type or "nothing blkid recognises"
-            return None, f"partition {number} holds {held}, not {_WANT_WORDS[want]}"
+            return None, f"{label} holds {held}, not {_WANT_WORDS[want]}"
         if not fs.uuid:
-            return None, f"partition {number} has no UUID"
+            return None, f"{label} has no UUID"
         sharing = sorted(
             f.partition for f in self.filesystems if (f.uuid or "").lower() == fs.uuid.lower()
         )
         if len(sharing) > 1:
-            listed = ", ".join(str(n) for n in sharing)
-            return None, f"UUID {fs.uuid} is shared by partitions {listed} (cloned filesystems)"
+            if self.volumes is None:
+                listed = ", ".join(str(n) for n in sharing)
+                return None, (
+                    f"UUID {fs.uuid} is shared by partitions {listed} (cloned filesystems)"
+                )
+            listed = ", ".join(self._label(n) for n in sharing)
+            return None, f"UUID {fs.uuid} is shared by {listed} (cloned filesystems)"
         return fs.uuid, None
 
 
@@ -214,7 +234,7 @@ def _args_in(patterns: Sequence[re.Pattern[str]], devices: DeviceMap) -> LineRew
 
 def rewrite_kernel_cmdline(text: str, devices: DeviceMap) -> Rewritten:
     """A file that is nothing but kernel arguments (/etc/kernel/cmdline)."""
-    return _by_line(text, _args_in([re.compile(r"^(?P<args>.*)$")], devices))
+    return _by_line(text, _args_in([_WHOLE_LINE], devices))
 
 
 def rewrite_grub_cfg(text: str, devices: DeviceMap) -> Rewritten:
@@ -311,6 +331,47 @@ def rewrite_default_grub(text: str, devices: DeviceMap) -> Rewritten:
         pos = end
     pieces.append(text[pos:])
     return "".join(pieces), changes, left
+
+
+# Where each kind of bootloader file keeps kernel command lines (the rewriters' patterns).
+CmdlineKind = Literal["grub-cfg", "grub-default", "bls-entry", "grubenv", "kernel-cmdline"]
+_CMDLINE_LINES: dict[str, tuple[re.Pattern[str], ...]] = {
+    "grub-cfg": (_GRUB_KERNEL, _GRUB_SET),
+    "bls-entry": (_BLS_OPTIONS,),
+    "grubenv": (_GRUBENV_KERNELOPTS,),
+    "kernel-cmdline": (_WHOLE_LINE,),
+}
+
+
+def kernel_cmdlines(text: str, kind: CmdlineKind) -> list[str]:
+    """The kernel command lines in a bootloader file of `kind`, found exactly where the
+    rewriters above look: grub.cfg's kernel lines and `set` variables, a BLS entry's
+    `options`, grubenv's kernelopts=, /etc/default/grub's GRUB_CMDLINE_LINUX(_DEFAULT)
+    values (quotes kept, a value spanning lines whole), every line of
+    /etc/kernel/cmdline (pure)."""
+    if kind == "grub-default":
+        found = []
+        pos = 0
+        for setting in _DEFAULT_GRUB_CMDLINE.finditer(text):
+            if setting.start() < pos:
+                continue
+            start = setting.end()
+            try:
+                end = _shell_word_end(text, start, setting.group(1))
+            except RewriteError:
+                end = _line_end(text, start)  # an unterminated quote: the rest of its line
+            found.append(text[start:end])
+            pos = end
+        return found
+    patterns = _CMDLINE_LINES[kind]
+    found = []
+    for line in _lines(text):
+        body = line.rstrip("\r\n")
+        for pattern in patterns:
+            if match := pattern.match(body):
+                found.append(match.group("args"))
+                break
+    return found
 
 
 def _device_field(pattern: re.Pattern[str], want: Want, devices: DeviceMap) -> LineRewrite:

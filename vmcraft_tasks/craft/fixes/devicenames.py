@@ -5,22 +5,24 @@ its kernel command line or in crypttab. Such a name exists on KVM only when the
 disk sits on an sd* bus (SATA/SCSI); `/dev/hdX`, `/dev/xvdX`, NVMe and by-id/by-path
 names exist on no bus the converted guest gets. The guest capabilities and the
 verdict on a VM are decided from this list, so the reading is kept apart (pure
-parsers over text, one small reader).
+parsers over text, one small reader). Given the VM's volumes, a name of a disk the VM
+does not have (/dev/sdc1 on a VM of two disks) exists on no bus at all.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from vmcraft_tasks.craft.errors import GuestPathError
 from vmcraft_tasks.craft.fixes.distros import Fixer
-from vmcraft_tasks.craft.fixes.fstab import is_hardware_name
+from vmcraft_tasks.craft.fixes.fstab import guest_disk_index, is_hardware_name
 from vmcraft_tasks.craft.guestpath import GuestFS
 from vmcraft_tasks.craft.inspect.fstab import KIND_DEVICE, classify_entry, parse_fstab
 from vmcraft_tasks.craft.inspect.linux import TEXT_FILE_CAP
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 # Options that keep a missing device from stopping the boot.
 _OPTIONAL = frozenset({"nofail", "noauto"})
@@ -41,17 +43,19 @@ class DeviceNameUse:
     name: str  # /dev/sda2
     path: str  # the guest file: /etc/fstab, /boot/grub/grub.cfg, ...
     what: str  # "fstab /boot", "kernel root=", "crypttab cryptdata"
+    missing_disk: str | None = None  # the name is of a disk the VM does not have: why
 
     @property
     def sd_bus_keeps_it(self) -> bool:
         """True when a SATA/SCSI disk on KVM still has this name (/dev/sdXN)."""
-        return _SD_NAME.match(self.name) is not None
+        return self.missing_disk is None and _SD_NAME.match(self.name) is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.what} names {self.name}"
+        text = f"{self.path}: {self.what} names {self.name}"
+        return text if self.missing_disk is None else f"{text} ({self.missing_disk})"
 
 
 def in_fstab(text: str, path: str = "/etc/fstab") -> list[DeviceNameUse]:
@@ -120,8 +124,25 @@ def _kernel_arg_files(fs: GuestFS) -> list[tuple[str, re.Pattern[str]]]:
     return files
 
 
-def device_name_uses(fs: GuestFS) -> list[DeviceNameUse]:
-    """Every boot-relevant use of a hypervisor-bound device name in the guest tree `fs`."""
+def on_missing_disks(uses: Iterable[DeviceNameUse], volumes: VolumeTable) -> list[DeviceNameUse]:
+    """`uses`, those naming a disk the VM does not have marked so (pure)."""
+    disks = volumes.disks()
+    marked = []
+    for use in uses:
+        index = guest_disk_index(use.name)
+        if index is not None and index >= disks:
+            why = f"the VM has {disks} disk{'' if disks == 1 else 's'}, not {index + 1}"
+            marked.append(replace(use, missing_disk=why))
+        else:
+            marked.append(use)
+    return marked
+
+
+def device_name_uses(fs: GuestFS, volumes: VolumeTable | None = None) -> list[DeviceNameUse]:
+    """Every boot-relevant use of a hypervisor-bound device name in the guest tree `fs`.
+
+    With the VM's `volumes`, names of disks the VM does not have are marked (no bus
+    provides them, SATA included)."""
     found: list[DeviceNameUse] = []
     if (text := _read(fs, Fixer.fstab_path)) is not None:
         found += in_fstab(text, Fixer.fstab_path)
@@ -130,4 +151,5 @@ def device_name_uses(fs: GuestFS) -> list[DeviceNameUse]:
     for path, lines in _kernel_arg_files(fs):
         if (text := _read(fs, path)) is not None:
             found += in_kernel_args(text, path, lines)
-    return _unique(found)
+    found = _unique(found)
+    return found if volumes is None else on_missing_disks(found, volumes)

@@ -51,6 +51,7 @@ from vmcraft_tasks.craft.inspect.linux import TEXT_FILE_CAP
 from vmcraft_tasks.craft.inspect.model import OSInfo
 from vmcraft_tasks.craft.partitions import Partition
 from vmcraft_tasks.craft.probe import Filesystem
+from vmcraft_tasks.craft.volumes import VolumeTable
 
 Rewriter = Callable[[str], tuple[str, list[Change]]]
 BootRewriter = Callable[[str, DeviceMap], Rewritten]
@@ -97,6 +98,9 @@ class FixContext:
     filesystems: Sequence[Filesystem]
     partitions: Sequence[Partition]
     dry_run: bool
+    # The VM's volumes when `filesystems`/`partitions` are numbered VM-wide (several
+    # disks, LVs): device names of every disk are then mapped, not only the boot disk's.
+    volumes: VolumeTable | None = None
     applied: list[FixRecord] = field(default_factory=list)
     skipped: list[FixSkip] = field(default_factory=list)
     failed: list[FixSkip] = field(default_factory=list)
@@ -313,6 +317,7 @@ class Fixer:
                 ctx.filesystems,
                 ctx.partitions,
                 root_partition=ctx.os_info.root_partition,
+                volumes=ctx.volumes,
             )
             unresolved.extend(left)
             return new_text, changes
@@ -328,7 +333,10 @@ class Fixer:
         ctx: FixContext, name: str, path: str, rewrite: BootRewriter
     ) -> FixRecord | None:
         devices = DeviceMap(
-            ctx.filesystems, ctx.partitions, root_partition=ctx.os_info.root_partition
+            ctx.filesystems,
+            ctx.partitions,
+            root_partition=ctx.os_info.root_partition,
+            volumes=ctx.volumes,
         )
         unresolved: list[Unresolved] = []
 
@@ -663,13 +671,19 @@ def apply_fixes(
     partitions: Sequence[Partition],
     *,
     dry_run: bool,
+    volumes: VolumeTable | None = None,
 ) -> FixReport:
-    """Run the fixer for `os_info` on the guest root `fs`; dry_run writes nothing."""
+    """Run the fixer for `os_info` on the guest root `fs`; dry_run writes nothing.
+
+    Without `volumes`, `filesystems` and `partitions` are the boot disk's. With the
+    VM's `volumes` they (and `os_info.root_partition`) are numbered VM-wide, and
+    /dev/sdX names of any disk of the VM are rewritten to UUIDs.
+    """
     fixer = fixer_for(os_info)
     if fixer is None:
         reason = no_fixer_reason(os_info) or "no fixer for this operating system"
         return FixReport(None, dry_run, notes=(reason,))
-    ctx = FixContext(fs, os_info, filesystems, partitions, dry_run=dry_run)
+    ctx = FixContext(fs, os_info, filesystems, partitions, dry_run=dry_run, volumes=volumes)
     if isinstance(fixer, GenericLinuxFixer):
         ctx.note(f"distribution {os_info.distro or 'unknown'}: generic Linux fixes only")
     for step in fixer.steps():

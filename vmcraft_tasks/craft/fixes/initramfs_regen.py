@@ -49,6 +49,13 @@ Decisions:
   block drivers, are built by `mkinitramfs -d` with a temporary copy of
   /etc/initramfs-tools (inside the sandbox's /tmp) that says MODULES=most and lists
   the missing drivers. The guest's own config is left alone, and the report says so.
+- A root (or /usr) on LVM (`needs_lvm`): the image must activate LVM before the root
+  exists. dracut gets `--add lvm` (--no-hostonly would include the module anyway when
+  the guest has lvm, but hostonly detection could never see LVM: nothing is active in
+  the sandbox; named, a guest that cannot include it fails loudly); initramfs-tools'
+  lvm2 hook copies lvm by itself. A guest that cannot (no lvm2, its dracut.conf omits
+  the module, no lvm2 hook) is refused before anything is built, naming the file and
+  what is needed, and every new image must list the lvm binary to be installed.
 - The backup is copied, and the new image renamed, through GuestFS paths (guest
   symlinks resolved inside the guest, final names never followed); guest programs
   write only inside the sandbox. Listings have their own time limit
@@ -78,6 +85,14 @@ from vmcraft_tasks.craft.sandbox import SandboxError, bwrap_path, check_root, ru
 VIRTIO_BOOT_MODULES = ("virtio_blk", "virtio_pci")
 # What we ask the generator to add (virtio_scsi too: a disk may sit on virtio-scsi).
 VIRTIO_BLOCK_DRIVERS = ("virtio_blk", "virtio_pci", "virtio_scsi")
+# An image that activates LVM holds the lvm binary (paths as listers print them).
+LVM_BINARIES = ("usr/sbin/lvm", "sbin/lvm", "usr/bin/lvm", "bin/lvm")
+DRACUT_LVM_MODULE = "lvm"
+LVM2_HOOK = "/usr/share/initramfs-tools/hooks/lvm2"
+DRACUT_CONF = "/etc/dracut.conf"
+# dracut sources /etc/dracut.conf, then *.conf of these by name (/etc's masking /usr/lib's).
+DRACUT_CONF_DIRS = ("/usr/lib/dracut/dracut.conf.d", "/etc/dracut.conf.d")
+DRACUT_MODULES_DIR = "/usr/lib/dracut/modules.d"
 
 BACKUP_SUFFIX = ".pre-vmcraft"
 NEW_SUFFIX = ".vmcraft-new"
@@ -98,6 +113,8 @@ _MODULE_FILE = re.compile(r"^(?P<name>[^/]+?)\.ko(?:\.(?:xz|zst|gz|bz2|lz4))?$")
 _MODULES_ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?MODULES=(?P<value>.*)$")
 # mkinitramfs sources only conf.d names like these (see its maybe_add_conf).
 _CONFD_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+_OMIT_DRACUTMODULES = re.compile(r"^\s*omit_dracutmodules(?P<add>\+?)=(?P<value>.*)$")
+_LVM_PROGRAMS = ("/usr/sbin/lvm", "/sbin/lvm")
 
 # uname -m spellings and distribution spellings of one architecture.
 _ARCH_ALIASES = {
@@ -201,6 +218,9 @@ class KernelResult:
     output_tail: str = ""
     reason: str | None = None
     notes: tuple[str, ...] = ()
+    # Whether the image holds the lvm binary, when the root needs LVM (None: not asked).
+    lvm_before: bool | None = None
+    lvm_after: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -224,6 +244,8 @@ class KernelResult:
             "output_tail": self.output_tail,
             "reason": self.reason,
             "notes": list(self.notes),
+            "lvm_before": self.lvm_before,
+            "lvm_after": self.lvm_after,
         }
 
 
@@ -238,6 +260,7 @@ class InitramfsReport:
     modules_policy: str | None  # initramfs-tools' MODULES setting; None for others
     kernels: tuple[KernelResult, ...] = ()
     notes: tuple[str, ...] = ()
+    lvm: str | None = None  # what was (would be) done so the images activate LVM
 
     @property
     def ok(self) -> bool:
@@ -253,6 +276,7 @@ class InitramfsReport:
             "modules_policy": self.modules_policy,
             "kernels": [kernel.to_dict() for kernel in self.kernels],
             "notes": list(self.notes),
+            "lvm": self.lvm,
         }
 
 
@@ -288,6 +312,23 @@ def parse_initramfs_listing(text: str, kernel: str | None = None) -> frozenset[s
         match = _MODULE_FILE.match(path.rsplit("/", 1)[-1])
         if match:
             found.add(match.group("name").replace("-", "_"))
+    return frozenset(found)
+
+
+def parse_initramfs_files(text: str, wanted: Iterable[str]) -> frozenset[str]:
+    """Which of the `wanted` paths (`usr/sbin/lvm`) a listing by lsinitramfs, lsinitrd or
+    `cpio -t` holds; leading `./` and `/` do not count, a symlink counts (pure)."""
+    wanted = frozenset(wanted)
+    found = set()
+    for line in text.splitlines():
+        fields = line.split(" -> ", 1)[0].split()
+        if not fields:
+            continue
+        path = fields[-1]
+        while path.startswith(("./", "/")):
+            path = path[1:] if path.startswith("/") else path[2:]
+        if path in wanted:
+            found.add(path)
     return frozenset(found)
 
 
@@ -438,6 +479,91 @@ def initramfs_tools_override(policy: str, modules_file: str) -> ConfigOverride:
     return ConfigOverride()
 
 
+def dracut_conf_order(usr_lib_names: Iterable[str], etc_names: Iterable[str]) -> list[str]:
+    """Guest paths of dracut's config files in the order dracut sources them (pure):
+    /etc/dracut.conf, then the *.conf of both conf.d directories sorted by name, where
+    /etc/dracut.conf.d/X masks /usr/lib/dracut/dracut.conf.d/X."""
+    by_name: dict[str, str] = {}
+    for directory, names in zip(DRACUT_CONF_DIRS, (usr_lib_names, etc_names), strict=True):
+        for name in names:
+            if name.endswith(".conf"):
+                by_name[name] = f"{directory}/{name}"
+    return [DRACUT_CONF, *(by_name[name] for name in sorted(by_name))]
+
+
+def dracut_omitting(confs: Sequence[tuple[str, str]], module: str) -> str | None:
+    """The config file whose omit_dracutmodules leaves `module` omitted, given
+    (path, text) in sourcing order; None when the module is not omitted (pure).
+
+    `omit_dracutmodules=` starts the list over, `+=` adds to it, as when dracut
+    sources the files one after the other."""
+    source: str | None = None
+    for path, text in confs:
+        for line in text.splitlines():
+            match = _OMIT_DRACUTMODULES.match(line)
+            if match is None:
+                continue
+            words = shell_value(match.group("value")).split()
+            if module in words:
+                source = path
+            elif not match.group("add"):
+                source = None
+    return source
+
+
+def lvm_refusal(
+    kind: Generator,
+    needs_lvm: str,
+    *,
+    has_lvm: bool,
+    has_dracut_module: bool | None,
+    omitted_by: str | None,
+    has_lvm2_hook: bool,
+) -> str | None:
+    """Why this guest cannot build an image that activates LVM, or None (pure).
+
+    `needs_lvm` says why it must ("/ is on LV rl/root"); the rest are facts of the
+    guest: an lvm binary, dracut's lvm module (None: no modules directory to tell),
+    the dracut config omitting it, initramfs-tools' lvm2 hook."""
+    if kind is Generator.DRACUT:
+        if omitted_by is not None:
+            return (
+                f"{needs_lvm}, but {omitted_by} omits the dracut module {DRACUT_LVM_MODULE} "
+                f"(omit_dracutmodules): remove {DRACUT_LVM_MODULE} from omit_dracutmodules "
+                "there so the initramfs can activate LVM"
+            )
+        if not has_lvm:
+            return (
+                f"{needs_lvm}, but the guest has no lvm binary ({' or '.join(_LVM_PROGRAMS)}): "
+                "install lvm2 in the guest so dracut can put LVM in its initramfs"
+            )
+        if has_dracut_module is False:
+            return (
+                f"{needs_lvm}, but the guest's dracut has no {DRACUT_LVM_MODULE} module "
+                f"(no {DRACUT_MODULES_DIR}/*{DRACUT_LVM_MODULE}): install dracut's lvm "
+                "module (lvm2 / dracut) in the guest"
+            )
+    if kind is Generator.INITRAMFS_TOOLS and not has_lvm2_hook:
+        return (
+            f"{needs_lvm}, but the guest has no {LVM2_HOOK}: install lvm2 in the guest "
+            "(its initramfs-tools hook puts lvm in the initramfs)"
+        )
+    return None
+
+
+def lvm_note(kind: Generator, needs_lvm: str, *, dry_run: bool) -> str:
+    """What the rebuild does (would do) about LVM, for the report (pure)."""
+    if kind is Generator.DRACUT:
+        done = "would add" if dry_run else "added"
+        return (
+            f"{needs_lvm}: {done} the dracut module {DRACUT_LVM_MODULE} "
+            f"(--add {DRACUT_LVM_MODULE}) and {'would check' if dry_run else 'checked'} "
+            "that each new image holds the lvm binary"
+        )
+    check = "would be checked" if dry_run else "was checked"
+    return f"{needs_lvm}: each new image {check} for the lvm binary ({LVM_BINARIES[0]})"
+
+
 # --- pure: command lines -----------------------------------------------------------
 
 # Run by the guest's /bin/sh inside the sandbox: copy the config to the sandbox's
@@ -463,8 +589,12 @@ def generator_argv(
     kernel: GuestKernel,
     output: str,
     override: ConfigOverride | None = None,
+    *,
+    lvm: bool = False,
 ) -> list[str]:
-    """The command (guest paths) that builds `kernel`'s initramfs at `output` (pure)."""
+    """The command (guest paths) that builds `kernel`'s initramfs at `output` (pure).
+
+    `lvm`: the image must activate LVM (dracut gets `--add lvm`)."""
     version = kernel.version
     override = override or ConfigOverride()
     if info.kind is Generator.INITRAMFS_TOOLS:
@@ -493,6 +623,7 @@ def generator_argv(
             "--no-hostonly-cmdline",
             "--add-drivers",
             drivers,
+            *(["--add", DRACUT_LVM_MODULE] if lvm else []),
             "--kver",
             version,
             output,
@@ -727,6 +858,7 @@ class _Guest:
     timeout_s: float
     policy: str | None = None
     override: ConfigOverride = field(default_factory=ConfigOverride)
+    needs_lvm: str | None = None  # why every image must activate LVM
 
 
 def _refuse_foreign_arch(fs: GuestFS, arch: str | None) -> str:
@@ -736,6 +868,32 @@ def _refuse_foreign_arch(fs: GuestFS, arch: str | None) -> str:
         raise InitramfsRefused(reason)
     assert guest_arch is not None
     return normalise_arch(guest_arch)
+
+
+def _dracut_confs(fs: GuestFS) -> list[tuple[str, str]]:
+    usr_lib, etc = (_list_dir(fs, directory) for directory in DRACUT_CONF_DIRS)
+    return [(path, _read_text(fs, path)) for path in dracut_conf_order(usr_lib, etc)]
+
+
+def _dracut_lvm_module(fs: GuestFS) -> bool | None:
+    if not fs.is_dir(DRACUT_MODULES_DIR):
+        return None
+    names = _list_dir(fs, DRACUT_MODULES_DIR)
+    return any(re.fullmatch(rf"\d*{DRACUT_LVM_MODULE}", name) for name in names)
+
+
+def _refuse_without_lvm(fs: GuestFS, info: GeneratorInfo, needs_lvm: str) -> None:
+    dracut = info.kind is Generator.DRACUT
+    reason = lvm_refusal(
+        info.kind,
+        needs_lvm,
+        has_lvm=_first_program(fs, _LVM_PROGRAMS) is not None,
+        has_dracut_module=_dracut_lvm_module(fs) if dracut else None,
+        omitted_by=dracut_omitting(_dracut_confs(fs), DRACUT_LVM_MODULE) if dracut else None,
+        has_lvm2_hook=fs.is_file(LVM2_HOOK),
+    )
+    if reason is not None:
+        raise InitramfsRefused(reason)
 
 
 def _open_guest(root: str, arch: str | None, timeout_s: float) -> _Guest:
@@ -759,8 +917,15 @@ def _open_guest(root: str, arch: str | None, timeout_s: float) -> _Guest:
     return guest
 
 
-def _list_image(guest: _Guest, kernel: str, image: str) -> frozenset[str]:
-    """Modules in the guest image `image`, listed by the guest's own tools, read-only."""
+@dataclass(frozen=True)
+class _Listing:
+    modules: frozenset[str]
+    lvm: bool  # the image holds the lvm binary
+
+
+def _list_image(guest: _Guest, kernel: str, image: str) -> _Listing:
+    """Modules (and whether lvm is there) in the guest image `image`, listed by the
+    guest's own tools, read-only."""
     try:
         head = guest.fs.head(image, 16)
     except GuestPathError as exc:
@@ -773,7 +938,8 @@ def _list_image(guest: _Guest, kernel: str, image: str) -> frozenset[str]:
         raise InitramfsError(
             f"listing {image} failed ({what})", kernel=kernel, output_tail=output_tail(exc)
         ) from exc
-    return parse_initramfs_listing(result.stdout, kernel)
+    lvm = bool(parse_initramfs_files(result.stdout, LVM_BINARIES))
+    return _Listing(parse_initramfs_listing(result.stdout, kernel), lvm)
 
 
 def initramfs_modules(root: str, kernel: str, *, arch: str | None = None) -> frozenset[str]:
@@ -790,7 +956,7 @@ def initramfs_modules(root: str, kernel: str, *, arch: str | None = None) -> fro
     image = initrd_path(guest.fs, guest.info, kernel)
     if not guest.fs.is_file(image):
         raise InitramfsError(f"kernel {kernel} has no initramfs ({image} not found)", kernel=kernel)
-    return _list_image(guest, kernel, image)
+    return _list_image(guest, kernel, image).modules
 
 
 @dataclass
@@ -800,6 +966,7 @@ class _Before:
     builtin: frozenset[str]
     exists: bool
     notes: list[str]
+    lvm: bool = False  # the image holds the lvm binary
 
 
 def _look(guest: _Guest, kernel: GuestKernel) -> _Before:
@@ -807,16 +974,16 @@ def _look(guest: _Guest, kernel: GuestKernel) -> _Before:
     builtin = builtin_modules(guest.root, kernel.version)
     exists = guest.fs.is_file(initrd)
     notes: list[str] = []
-    modules: frozenset[str] = frozenset()
+    listing = _Listing(frozenset(), lvm=False)
     if not exists:
         notes.append(f"{initrd} does not exist yet")
     else:
         try:
-            modules = _list_image(guest, kernel.version, initrd)
+            listing = _list_image(guest, kernel.version, initrd)
         except InitramfsError as exc:
             # An unreadable old image is one more reason to rebuild, not a failure.
             notes.append(f"the current image could not be listed: {exc}")
-    return _Before(initrd, modules, builtin, exists, notes)
+    return _Before(initrd, listing.modules, builtin, exists, notes, listing.lvm)
 
 
 def _copy(fs: GuestFS, source: str, target: str, mode: int | None = None) -> None:
@@ -866,7 +1033,7 @@ class _RebuildFailed(Exception):
 
 def _generate(guest: _Guest, kernel: GuestKernel, new: str) -> str:
     """Build the new image at `new` inside a writable sandbox; its output tail."""
-    argv = generator_argv(guest.info, kernel, new, guest.override)
+    argv = generator_argv(guest.info, kernel, new, guest.override, lvm=guest.needs_lvm is not None)
     try:
         result = run_sandboxed(guest.root, argv, timeout=guest.timeout_s, writable=True)
     except CommandError as exc:
@@ -882,21 +1049,25 @@ def _generate(guest: _Guest, kernel: GuestKernel, new: str) -> str:
     return output_tail(result)
 
 
-def _verify(
-    guest: _Guest, kernel: GuestKernel, new: str, builtin: frozenset[str]
-) -> frozenset[str]:
-    """The new image's modules, if it can load the virtio boot drivers."""
+def _verify(guest: _Guest, kernel: GuestKernel, new: str, builtin: frozenset[str]) -> _Listing:
+    """The new image's listing, if it can load the virtio boot drivers (and activate
+    LVM, when the root needs it)."""
     try:
         after = _list_image(guest, kernel.version, new)
     except InitramfsError as exc:
         raise _RebuildFailed(
             f"the new image could not be listed: {exc.reason}", exc.output_tail
         ) from exc
-    missing = missing_boot_modules(after, builtin)
+    missing = missing_boot_modules(after.modules, builtin)
     if missing:
         raise _RebuildFailed(
             f"the new image lacks {', '.join(missing)} (neither in it nor built into "
             f"kernel {kernel.version})"
+        )
+    if guest.needs_lvm is not None and not after.lvm:
+        raise _RebuildFailed(
+            f"the new image has no lvm binary ({' or '.join(LVM_BINARIES[:2])}), but "
+            f"{guest.needs_lvm}: it could not activate the root's VG"
         )
     return after
 
@@ -975,7 +1146,7 @@ def _build_and_install(guest: _Guest, kernel: GuestKernel, before: _Before) -> _
 
 @dataclass(frozen=True)
 class _Built:
-    modules: frozenset[str]
+    listing: _Listing
     tail: str
 
 
@@ -1015,7 +1186,7 @@ def _rebuild(guest: _Guest, kernel: GuestKernel, before: _Before, started: float
         before,
         "rebuilt",
         started,
-        after=built.modules,
+        after=built.listing,
         verified=True,
         tail=built.tail,
         notes=notes,
@@ -1034,22 +1205,23 @@ def _result(
     action: Action,
     started: float,
     *,
-    after: frozenset[str] | None = None,
+    after: _Listing | None = None,
     verified: bool = False,
     backup: str | None = None,
     tail: str = "",
     reason: str | None = None,
     notes: Sequence[str] = (),
 ) -> KernelResult:
+    asked = guest.needs_lvm is not None
     return KernelResult(
         kernel=kernel.version,
         initrd=before.initrd,
         generator=str(guest.info.kind),
         action=action,
         modules_before=before.modules,
-        modules_after=after,
+        modules_after=None if after is None else after.modules,
         virtio_blk_before="virtio_blk" in before.modules,
-        virtio_blk_after=None if after is None else "virtio_blk" in after,
+        virtio_blk_after=None if after is None else "virtio_blk" in after.modules,
         builtin="virtio_blk" in before.builtin,
         backup=backup,
         verified=verified,
@@ -1057,6 +1229,8 @@ def _result(
         output_tail=tail,
         reason=reason,
         notes=tuple(notes),
+        lvm_before=before.lvm if asked and before.exists else None,
+        lvm_after=after.lvm if asked and after is not None else None,
     )
 
 
@@ -1064,19 +1238,22 @@ def _one_kernel(guest: _Guest, kernel: GuestKernel, *, dry_run: bool, force: boo
     started = time.monotonic()
     before = _look(guest, kernel)
     bootable = before.exists and not missing_boot_modules(before.modules, before.builtin)
+    if guest.needs_lvm is not None:
+        bootable = bootable and before.lvm
     notes = list(before.notes)
     if dry_run:
         action: Action = "would-skip" if bootable and not force else "would-rebuild"
         return _result(guest, kernel, before, action, started, notes=notes)
     if bootable and not force:
-        notes.append("the current image already holds the virtio boot drivers: not rebuilt")
+        held = "the virtio boot drivers" + (" and lvm" if guest.needs_lvm else "")
+        notes.append(f"the current image already holds {held}: not rebuilt")
         return _result(
             guest,
             kernel,
             before,
             "up-to-date",
             started,
-            after=before.modules,
+            after=_Listing(before.modules, before.lvm),
             verified=True,
             notes=notes,
         )
@@ -1100,6 +1277,7 @@ def regenerate_initramfs(
     dry_run: bool,
     timeout_s: float = 600.0,
     force: bool = False,
+    needs_lvm: str | None = None,
 ) -> InitramfsReport:
     """Rebuild the initramfs of every bootable kernel of the guest mounted at `root`.
 
@@ -1107,6 +1285,10 @@ def regenerate_initramfs(
     `dry_run`. `arch` is the guest's architecture from inspection (None: read from
     its binaries). `timeout_s` bounds each generator run. A kernel whose image
     already holds the virtio boot drivers is left alone unless `force`.
+
+    `needs_lvm` says why the images must activate LVM ("/ is on LV rl/root"); then a
+    guest that cannot put LVM in its image is refused, dracut gets `--add lvm`, and a
+    new image without the lvm binary is not installed.
 
     A dry run lists the current images and writes nothing. Raises
     `InitramfsRefused` when nothing can be attempted and `InitramfsError` when a
@@ -1119,7 +1301,11 @@ def regenerate_initramfs(
             "no bootable kernel found (/boot/vmlinuz-K with /lib/modules/K): is /boot "
             "mounted inside the guest root?"
         )
+    if needs_lvm is not None:
+        _refuse_without_lvm(guest.fs, guest.info, needs_lvm)
+        guest.needs_lvm = needs_lvm
     results = [_one_kernel(guest, kernel, dry_run=dry_run, force=force) for kernel in kernels]
+    builds = any(r.action in _BUILDS for r in results)
     report = InitramfsReport(
         outcome=_outcome(results, dry_run),
         dry_run=dry_run,
@@ -1127,7 +1313,10 @@ def regenerate_initramfs(
         arch=guest.arch,
         modules_policy=guest.policy,
         kernels=tuple(results),
-        notes=guest.override.notes if any(r.action in _BUILDS for r in results) else (),
+        notes=guest.override.notes if builds else (),
+        lvm=lvm_note(guest.info.kind, needs_lvm, dry_run=dry_run)
+        if builds and needs_lvm is not None
+        else None,
     )
     failed = [result for result in results if not result.ok]
     if failed:
@@ -1145,6 +1334,7 @@ def regenerate_initramfs(
 
 __all__ = [
     "BACKUP_SUFFIX",
+    "LVM_BINARIES",
     "VIRTIO_BLOCK_DRIVERS",
     "VIRTIO_BOOT_MODULES",
     "ConfigOverride",
@@ -1160,6 +1350,7 @@ __all__ = [
     "find_kernels",
     "initramfs_modules",
     "normalise_module",
+    "parse_initramfs_files",
     "parse_initramfs_listing",
     "regenerate_initramfs",
 ]

@@ -28,8 +28,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,7 +208,9 @@ def dm_create(
 # --------------------------------------------------------------------------- exposing
 
 
-SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+SOCKET_NAME = "nbdkit.sock"
+SOCKET_DIR_PREFIX = "vmcraft-lv-"
+MAP_NAME = "segments.json"
 
 
 def state_dir_for(parent: str, vg: VG, lv: LV) -> str:
@@ -286,8 +290,14 @@ def expose_loop(
 
 
 def nbdkit_argv(socket: str, pid_file: str, map_file: str, *, writable: bool) -> list[str]:
-    """The nbdkit command serving one LV (pure)."""
-    argv = ["nbdkit", "--foreground", "--unix", socket, "--pidfile", pid_file]
+    """The nbdkit command serving one LV (pure).
+
+    nbdkit runs daemonised: in the foreground it asks for a parent-death signal, which
+    the kernel sends when the *thread* that started it exits, so an LV exposed by one
+    task thread would vanish under the next. Its own daemon child has no such tie;
+    errors still go to the log file (`--log=stderr`).
+    """
+    argv = ["nbdkit", "--log=stderr", "--unix", socket, "--pidfile", pid_file]
     if not writable:
         argv.append("--readonly")
     return [*argv, "python", PLUGIN, f"map={map_file}"]
@@ -318,6 +328,47 @@ def _tail(path: str) -> str:
         return ""
 
 
+def _read_pid(pid_file: str) -> int | None:
+    try:
+        with open(pid_file) as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _start_daemon(
+    argv: list[str],
+    log_file: str,
+    pid_file: str,
+    *,
+    ready: Callable[[], bool],
+    timeout_s: float,
+    failure: str,
+) -> int:
+    """Start a self-daemonising helper; its daemon's pid once it serves.
+
+    The starter exits once the daemon is forked; the daemon writes its pid file after
+    it listens. A starter that hangs is killed with its session.
+    """
+    starter = commands.spawn_detached(argv, stderr_path=log_file)
+    try:
+        code = starter.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        commands.kill_session(starter)
+        raise LVExposeError(f"{failure}: it did not start within {timeout_s:.0f} s") from None
+    if code != 0:
+        raise LVExposeError(f"{failure} (exit {code}): {_tail(log_file) or 'no message'}")
+    if not _wait_for(lambda: _read_pid(pid_file) is not None and ready(), timeout_s):
+        pid = _read_pid(pid_file)
+        if pid is not None:
+            helpers.terminate(pid, pid_file, STOP_TIMEOUT_S)
+        raise LVExposeError(f"{failure}: not serving: {_tail(log_file) or 'no message'}")
+    pid = _read_pid(pid_file)
+    assert pid is not None
+    return pid
+
+
 def expose_nbd(
     vg: VG,
     lv: LV,
@@ -331,15 +382,16 @@ def expose_nbd(
     where = pv_locations(vg) if locations is None else locations
     extents = extent_map(vg, lv, where)
     sd = state_dir_for(parent, vg, lv)
-    socket = os.path.join(sd, "nbdkit.sock")
-    if len(os.fsencode(socket)) > SOCKET_PATH_MAX:
-        raise LVExposeError(f"socket path too long for a unix socket: {socket}")
     os.makedirs(sd, mode=0o700, exist_ok=False)
+    # Not in the state dir: a work dir deep enough overflows a unix socket path's 108
+    # bytes (nbdkit makes a relative one absolute). A short private directory instead,
+    # recorded at once so release removes it.
+    socket = os.path.join(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX), SOCKET_NAME)
     fuse_file = os.path.join(sd, "lv")
     res = LVResources(method="nbdkit", socket=socket, fuse_file=fuse_file)
     res.save(sd)
     with _released_on_error(sd):
-        map_file = os.path.join(sd, "segments.json")
+        map_file = os.path.join(sd, MAP_NAME)
         with open(map_file, "w") as fh:
             json.dump(
                 {"size": lv.size, "writable": writable, "extents": [asdict(e) for e in extents]},
@@ -347,21 +399,15 @@ def expose_nbd(
             )
         pid_file = os.path.join(sd, "nbdkit.pid")
         log = os.path.join(sd, "nbdkit.log")
-        proc = commands.spawn_detached(
-            nbdkit_argv(socket, pid_file, map_file, writable=writable), stderr_path=log
+        res.nbdkit_pid = _start_daemon(
+            nbdkit_argv(socket, pid_file, map_file, writable=writable),
+            log,
+            pid_file,
+            ready=lambda: os.path.exists(socket),
+            timeout_s=start_timeout_s,
+            failure=f"VG {vg.name}: LV {lv.name}: nbdkit did not start",
         )
-        res.nbdkit_pid = proc.pid
         res.save(sd)
-        ready = _wait_for(
-            lambda: (
-                (os.path.exists(socket) and os.path.exists(pid_file)) or proc.poll() is not None
-            ),
-            start_timeout_s,
-        )
-        if proc.poll() is not None or not ready:
-            raise LVExposeError(
-                f"VG {vg.name}: LV {lv.name}: nbdkit did not start: {_tail(log) or 'no message'}"
-            )
         with open(fuse_file, "w"):
             pass
         fuse_pid_file = os.path.join(sd, "nbdfuse.pid")
@@ -413,6 +459,8 @@ def release(state_dir: str) -> None:
         helpers.terminate(res.nbdfuse_pid, res.fuse_file or state_dir, STOP_TIMEOUT_S)
     if res.nbdkit_pid:
         helpers.terminate(res.nbdkit_pid, res.socket or state_dir, STOP_TIMEOUT_S)
+    if res.socket and os.path.basename(os.path.dirname(res.socket)).startswith(SOCKET_DIR_PREFIX):
+        shutil.rmtree(os.path.dirname(res.socket), ignore_errors=True)
     leftover = mountinfo.mounts_under(state_dir)
     if leftover:
         raise VMCraftError(f"{state_dir}: still mounted: {', '.join(leftover)}")
