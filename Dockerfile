@@ -27,6 +27,7 @@ RUN apt-get update \
         cpio \
         zstd \
         lvm2 nbdkit nbdkit-plugin-python \
+        ovmf grub-efi-amd64-bin \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \

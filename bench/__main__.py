@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("end_to_end", "5. End to end"),
     ("libguestfs", "6. Against libguestfs"),
     ("lvm", "7. LVM guests"),
+    ("boot_check", "8. Boot check"),
 ]
 
 

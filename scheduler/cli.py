@@ -130,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from scheduler.demo import write_demo_batch
 
     say("building the sample images (cached after the first run) ...")
-    manifest = write_demo_batch(args.directory)
+    manifest = write_demo_batch(args.directory, boot_check=args.boot_check)
     say(f"demo manifest: {manifest}")
     code = run_batch(manifest, hosts=args.hosts, concurrency=args.concurrency)
     # Some demo VMs are broken on purpose: the batch ran as it should if it finished.
@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("manifest")
         else:
             p.add_argument("--directory", default="vmcraft-demo", help="where the demo goes")
+            p.add_argument(
+                "--no-boot-check",
+                dest="boot_check",
+                action="store_false",
+                help="skip booting the migrated guests (about a minute each under TCG)",
+            )
         p.add_argument("--hosts", type=int, default=2, help="simulated hosts without a broker")
         p.add_argument("--concurrency", type=int, default=2, help="worker processes per host")
     add("submit", cmd_submit, "queue a batch on the configured fleet").add_argument("manifest")

@@ -291,7 +291,7 @@ _ORDER = {
     for names in (
         "batch limits defaults vms",
         "id target_format output_dir options _folder disks",
-        "os fixes dry_run priority memory_mib vcpus network host host_group",
+        "os fixes dry_run boot_check priority memory_mib vcpus network host host_group",
         "max_parallel max_per_host",
     )
     for n, name in enumerate(names.split())

@@ -25,6 +25,7 @@ STAGE_START = {
     "inspecting": 82.0,
     "fixing": 88.0,
     "detaching": 94.0,
+    "boot_checking": 96.0,
     "done": 100.0,
     "failed": 100.0,
     "cancelled": 100.0,

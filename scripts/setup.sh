@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-utils libnbd-bin fdisk parted util-linux e2fsprogs xfsprogs btrfs-progs
   ntfs-3g dosfstools mtools fusefat fuse3 libhivex-bin redis-server libvirt-clients
   libxml2-utils debootstrap qemu-system-x86 seabios ipxe-qemu bubblewrap zstd cpio
-  busybox-static lvm2 nbdkit nbdkit-plugin-python
+  busybox-static lvm2 nbdkit nbdkit-plugin-python ovmf grub-efi-amd64-bin
 )
 
 missing=()

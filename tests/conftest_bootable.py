@@ -1,4 +1,4 @@
-"""Session fixtures for the real bootable Debian guests (samples/bootable.py, bootable_lvm.py).
+"""Session fixtures for the real bootable Debian guests (samples/bootable*.py).
 
 Load with `pytest_plugins = ["tests.conftest_bootable"]`. The first run builds them
 (debootstrap from deb.debian.org, about 2-3 minutes); later runs load the on-disk
@@ -17,6 +17,7 @@ import pytest
 from vmcraft_tasks.samples import bootable
 from vmcraft_tasks.samples.bootable import BootableImage
 from vmcraft_tasks.samples.bootable_lvm import LvmBootableImage, bootable_debian_lvm
+from vmcraft_tasks.samples.bootable_uefi import UefiBootableImage, bootable_debian_uefi
 
 T = TypeVar("T")
 
@@ -45,3 +46,9 @@ def bootable_bios_modules_list() -> BootableImage:
 def bootable_lvm() -> LvmBootableImage:
     """Debian 12 on LVM over two disks (VG deb12-vg: root, swap_1, srv across both PVs)."""
     return _build(bootable_debian_lvm)
+
+
+@pytest.fixture(scope="session")
+def bootable_uefi() -> UefiBootableImage:
+    """Debian 12 installed for UEFI: ESP (FAT32), /boot, root, swap by UUID; boot with OVMF."""
+    return _build(bootable_debian_uefi)

@@ -20,6 +20,7 @@ TASK_MODULES = [
     "vmcraft_tasks.tasks.inspect",
     "vmcraft_tasks.tasks.fix",
     "vmcraft_tasks.tasks.finish",
+    "vmcraft_tasks.tasks.boot",
 ]
 
 

@@ -58,6 +58,9 @@ class FleetSettings:
     max_attached: int = 4  # NBD slots: disks attached at once on one host
     max_mounts: int = 4  # concurrent mount operations on one host (the guide's max_workers)
     max_conversions: int = 2  # concurrent qemu-img convert on one host
+    max_boot_checks: int = 1  # concurrent boot checks on one host (each a busy qemu)
+    boot_accel: str = "auto"  # auto: KVM when it really runs a guest here, else TCG
+    boot_time_limit_s: int = 0  # 0: 600 s under TCG, 180 s with KVM
     mount_wait_s: int = 120  # how long a mount step waits for a place under max_mounts
     lease_ttl_s: int = 60  # slot leases expire unless the host heartbeat refreshes them
     heartbeat_s: int = 10
@@ -78,6 +81,12 @@ class FleetSettings:
                 f"(got {self.convert_time_limit_s}, {self.visibility_timeout_s}): a longer "
                 "conversion would be delivered twice"
             )
+        if self.boot_accel not in ("auto", "tcg", "kvm"):
+            raise ValueError(
+                f"VMCRAFT_BOOT_ACCEL must be auto, tcg or kvm, not {self.boot_accel!r}"
+            )
+        if self.boot_time_limit_s and not self.boot_time_limit_s < self.soft_time_limit_s:
+            raise ValueError("VMCRAFT_BOOT_TIME_LIMIT_S must be below VMCRAFT_SOFT_TIME_LIMIT_S")
         if self.heartbeat_s >= self.lease_ttl_s:
             raise ValueError("VMCRAFT_HEARTBEAT_S must be shorter than VMCRAFT_LEASE_TTL_S")
 
@@ -103,6 +112,9 @@ class FleetSettings:
             max_attached=_int("VMCRAFT_MAX_ATTACHED", 4),
             max_mounts=_int("VMCRAFT_MAX_MOUNTS", 4),
             max_conversions=_int("VMCRAFT_MAX_CONVERSIONS", 2),
+            max_boot_checks=_int("VMCRAFT_MAX_BOOT_CHECKS", 1),
+            boot_accel=env.get("VMCRAFT_BOOT_ACCEL", "auto"),
+            boot_time_limit_s=_int("VMCRAFT_BOOT_TIME_LIMIT_S", 0),
             mount_wait_s=_int("VMCRAFT_MOUNT_WAIT_S", 120),
             lease_ttl_s=_int("VMCRAFT_LEASE_TTL_S", 60),
             heartbeat_s=_int("VMCRAFT_HEARTBEAT_S", 10),

@@ -23,6 +23,7 @@ import redis
 from vmcraft_tasks import keys, luascripts
 from vmcraft_tasks.models.job import (
     ATTACHING,
+    BOOT_CHECKING,
     CANCELLED,
     CONVERTING,
     DETACHING,
@@ -41,6 +42,7 @@ from vmcraft_tasks.models.job import (
 # The states and the record live with the other models; they are used from here.
 __all__ = [
     "ATTACHING",
+    "BOOT_CHECKING",
     "CANCELLED",
     "CONVERTING",
     "DETACHING",

@@ -57,7 +57,7 @@ MAX_SMALL_FILE_BYTES = 4 << 20  # markers and other small files read back
 # Kinds of output. A disk is changed in place by the fix step, so only its inode
 # identifies it; every other kind is replaced whole, so its size and mtime must match too.
 DISK = "disk"
-KINDS = frozenset({DISK, "report", "xml", "marker", "summary"})
+KINDS = frozenset({DISK, "report", "xml", "marker", "summary", "log"})
 
 _OPEN_EXISTING = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO never blocks
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -58,6 +58,7 @@ STEP_OF_STATE = {
     "inspecting": "inspect",
     "fixing": "fix",
     "detaching": "detach",
+    "boot_checking": "boot_check",
 }
 
 
@@ -154,6 +155,18 @@ def write_domain_xml(
         return out.write_text(f"{vm['id']}.xml", xml, kind="xml")
 
 
+def serial_log_name(vm_id: str) -> str:
+    return f"{vm_id}.serial.log"
+
+
+def write_serial_log(
+    vm: Mapping[str, Any], text: str, *, settings_roots: Sequence[str] | None = None
+) -> str:
+    """Keep a boot check's cleaned console next to the VM's report; returns its path."""
+    with open_vm_output_dir(vm, settings_roots=settings_roots) as out:
+        return out.write_text(serial_log_name(vm["id"]), text, kind="log")
+
+
 def step_timings(timestamps: Mapping[str, float]) -> dict[str, float]:
     """Seconds per step, from when the job entered each state (pure)."""
     ordered = sorted(timestamps.items(), key=lambda kv: kv[1])
@@ -227,6 +240,7 @@ def vm_report_for(vm: Mapping[str, Any], record: JobRecord) -> dict[str, Any]:
         lvs=result.get("lvs") or [],
         volumes=result.get("volumes") or [],
         scan_notes=result.get("scan_notes") or [],
+        boot_check=result.get("boot_check"),
     )
     # The report is a published contract (docs/schemas/vm-report.schema.json): one that
     # does not match it is a bug here, and is never written.

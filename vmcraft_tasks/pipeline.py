@@ -59,6 +59,9 @@ STEPS: tuple[Step, ...] = (
     Step("fix", _MIGRATING, rerunnable=False),
     Step("detach", _ALL),
     Step("finalize", _ALL),
+    # Boots the converted disks headless and judges the console; a dry run has
+    # nothing fixed to boot.
+    Step("boot_check", frozenset({"migrate"}), option="boot_check"),
 )
 
 # The errback every host-side step carries: the VM failed in some step, it still ends

@@ -137,6 +137,7 @@ def vm_report(
     lvs: Sequence[Record] = (),
     volumes: Sequence[Record] = (),
     scan_notes: Sequence[str] = (),
+    boot_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of one VM from the pieces its steps produced.
 
@@ -179,6 +180,8 @@ def vm_report(
         "data_only": data_only,
         "notes": list(notes),
         "libvirt_xml": libvirt_xml,
+        # The headless boot of the migrated disks (options.boot_check), or None.
+        "boot_check": dict(boot_check) if boot_check else None,
     }
 
 
@@ -261,7 +264,21 @@ def _row(report: Mapping[str, Any]) -> dict[str, Any]:
         "fixes_applied": sum(1 for f in fixes if f.get("applied", True)),
         "total_s": report.get("total_s"),
         "reason": _reason(report),
+        "boot": _boot_label(report.get("boot_check")),
     }
+
+
+def _boot_label(check: Mapping[str, Any] | None) -> str | None:
+    """`pass 74 s (tcg, direct-kernel)`, `fail: emergency-mode`, `skipped` (pure)."""
+    if not check:
+        return None
+    result = str(check.get("result"))
+    if result == "pass":
+        how = ", ".join(str(v) for v in (check.get("accel"), check.get("mode")) if v)
+        seconds = check.get("seconds")
+        timed = f" {seconds:.0f} s" if isinstance(seconds, int | float) else ""
+        return f"pass{timed}" + (f" ({how})" if how else "")
+    return f"{result}: {check['reason']}" if check.get("reason") else result
 
 
 def batch_summary(
@@ -384,8 +401,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         "## VMs",
         "",
     ]
+    # The boot column only when some VM was boot-checked (options.boot_check).
+    booted = any(row.get("boot") for row in summary["vms"])
+    header = ("VM", "status", "host", "OS", "devices", "disks", "fixes", "time")
     lines += _table(
-        ("VM", "status", "host", "OS", "devices", "disks", "fixes", "time", "reason"),
+        (*header, *(("boot",) if booted else ()), "reason"),
         (
             (
                 _cell(row["vm_id"]),
@@ -396,6 +416,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 _disks_cell(row),
                 _fixes_cell(row),
                 _duration(row["total_s"]),
+                *((_cell(row.get("boot")),) if booted else ()),
                 _cell(row["reason"], empty=""),
             )
             for row in summary["vms"]

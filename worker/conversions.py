@@ -355,7 +355,7 @@ class ConversionStopped(Exception):
 JOB_CHECK_EVERY_S = 2.0
 
 
-def _job_check(rt: HostRuntime, job_id: str) -> Callable[[], str | None]:
+def job_check(rt: HostRuntime, job_id: str) -> Callable[[], str | None]:
     from vmcraft_tasks import jobs
 
     last = [0.0]
@@ -377,7 +377,7 @@ def _job_check(rt: HostRuntime, job_id: str) -> Callable[[], str | None]:
     return check
 
 
-def _kind(reason: str) -> tuple[str, str]:
+def stop_kind(reason: str) -> tuple[str, str]:
     kind, sep, text = reason.partition(": ")
     if sep and kind in ("gone", "cancelled", "ended"):
         return kind, text
@@ -408,7 +408,7 @@ def guarded_conversion(
         job_id,
         target,
         holder,
-        checks=[shutting_down, _job_check(rt, job_id)],
+        checks=[shutting_down, job_check(rt, job_id)],
     )
     try:
         with (
@@ -419,10 +419,10 @@ def guarded_conversion(
         ):
             yield guard
     except WaitStopped as exc:
-        kind, text = _kind(exc.reason)
+        kind, text = stop_kind(exc.reason)
         raise ConversionStopped(f"stopped waiting to convert disk {index}: {text}", kind) from exc
     except Exception as exc:
         if guard.stopped is None:
             raise
-        kind, text = _kind(guard.stopped)
+        kind, text = stop_kind(guard.stopped)
         raise ConversionStopped(f"conversion of disk {index} stopped: {text}", kind) from exc

@@ -82,7 +82,9 @@ def end_vm(
     if outcome == "done":
         moved = store.transition(job_id, jobs.DONE, result=result or {})
     elif outcome == "failed":
-        moved = store.fail(job_id, reason or "failed")
+        # A failed VM's result (a boot check's evidence) still goes into its report.
+        extra = {"result": result} if result else {}
+        moved = store.fail(job_id, reason or "failed", **extra)
     else:
         # cancelled: the scheduler's cancel set the state, the VM only stops here.
         moved = False

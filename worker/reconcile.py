@@ -9,6 +9,8 @@ worker killed with -9:
 - the step ledger (`worker.steps`): a step whose process is gone died mid-step;
 - conversion records (`worker.conversions`): a dead holder's qemu-img is killed
   (verified by command line) and its `.part` files removed;
+- boot-check records (`worker.bootchecks`): a dead holder's qemu is killed by its
+  recorded pid (verified by start time and command line);
 - attach state directories and their job markers, and the lease mirror.
 
 Then, from Redis: the host's semaphore places (live holders renewed, dead ones
@@ -55,7 +57,7 @@ from vmcraft_tasks.craft.vmstate import release_vm
 from vmcraft_tasks.jobmarker import read_job_marker
 from vmcraft_tasks.migration import batch_vm_of, requeue_vm
 from vmcraft_tasks.queues import INTAKE_QUEUE, host_queue
-from worker import conversions
+from worker import bootchecks, conversions
 from worker.broker import Message
 from worker.ending import end_vm
 from worker.registry import list_hosts, server_time
@@ -85,6 +87,7 @@ class ReconcileReport:
     dead_steps: list[str] = field(default_factory=list)
     evicted_places: list[str] = field(default_factory=list)
     cleaned_conversions: list[str] = field(default_factory=list)
+    cleaned_boot_checks: list[str] = field(default_factory=list)
     restored_messages: list[str] = field(default_factory=list)
     dropped_messages: list[str] = field(default_factory=list)
     redis_error: str | None = None
@@ -173,6 +176,7 @@ class Reconciler:
         live, _dead = self._steps(report)
         live_keys = {r.holder.key for r in live}
         self._conversions(live_keys, report)
+        self._boot_checks(live_keys, report)
         # From here on Redis is needed; a failure ends the run (next beat retries).
         rt.probe.ping()
         mono = time.monotonic()
@@ -298,6 +302,15 @@ class Reconciler:
             report.cleaned_conversions.append(
                 f"{record.target} (VM {record.job_id}): {', '.join(done) or 'nothing left'}"
             )
+
+    def _boot_checks(self, live_keys: set[tuple[str, str, int]], report: ReconcileReport) -> None:
+        """A boot check whose holder died leaves qemu running: kill it by its record."""
+        for path, record in bootchecks.records(self.rt.host_work_dir):
+            holder = record.holder_obj
+            if holder is not None and holder.key in live_keys:
+                continue
+            done = bootchecks.cleanup(path, record)
+            report.cleaned_boot_checks.append(f"VM {record.job_id}: {done}")
 
     def _places(self, live_keys: set[tuple[str, str, int]], report: ReconcileReport) -> None:
         """Renew the semaphore places of live holders of this host; evict dead ones."""

@@ -134,6 +134,10 @@ class HostRuntime:
     def conversion_slots(self) -> RedisSemaphore:
         return self.semaphore("conversions", self.settings.max_conversions)
 
+    @cached_property
+    def boot_slots(self) -> RedisSemaphore:
+        return self.semaphore("boot_checks", self.settings.max_boot_checks)
+
     def semaphore(self, name: str, limit: int, *, probe: bool = False) -> RedisSemaphore:
         return RedisSemaphore(
             self.probe if probe else self.state,
@@ -148,6 +152,9 @@ class HostRuntime:
             "mounts": self.semaphore("mounts", self.settings.max_mounts, probe=probe),
             "conversions": self.semaphore(
                 "conversions", self.settings.max_conversions, probe=probe
+            ),
+            "boot_checks": self.semaphore(
+                "boot_checks", self.settings.max_boot_checks, probe=probe
             ),
         }
 

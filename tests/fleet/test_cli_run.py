@@ -36,7 +36,16 @@ def test_demo_runs_the_sample_batch_and_leaves_nothing_running(tmp_path):
     before = leaks.snapshot()
     servers_before = redis_servers()
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "demo", "--directory", str(tmp_path / "demo")],
+        # The boot checks the demo turns on are covered in tests/boot (a minute each).
+        [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "demo",
+            "--no-boot-check",
+            "--directory",
+            str(tmp_path / "demo"),
+        ],
         capture_output=True,
         text=True,
         timeout=900,

@@ -347,3 +347,12 @@ def test_an_endless_line_is_judged_in_pieces() -> None:
     assert len(watcher._pending) <= MAX_LINE
     verdict = watcher.feed("\r\nKernel panic - not syncing: Attempted to kill init!\r\n", 2.0)
     assert verdict is not None and verdict.reason is Reason.KERNEL_PANIC
+
+
+def test_grubs_headless_video_mode_message_is_not_a_warning() -> None:
+    """Debian's GRUB `linux` asks for a video mode; a headless UEFI boot has none."""
+    text = "error: no suitable video mode found.\r\nBooting a command list\r\ndeb12-uefi login: "
+    verdict = judge(text, 80.0, until="login")
+    assert verdict is not None and verdict.result == "pass", verdict
+    missing = judge("error: file '/vmlinuz' not found.\r\ndeb12 login: ", 80.0, until="login")
+    assert missing is not None and missing.result == "fail"

@@ -312,8 +312,8 @@ def test_unknown_keys_at_every_level_name_the_allowed_ones(base: Path) -> None:
             "defaults.id: unknown key 'id' (allowed: target_format, output_dir, options)",
             "vms[0] (web01).colour: unknown key 'colour' "
             "(allowed: id, disks, target_format, output_dir, options)",
-            "vms[0] (web01).options.cpus: unknown key 'cpus' (allowed: os, fixes, dry_run, host, "
-            "host_group, priority, memory_mib, vcpus, network)",
+            "vms[0] (web01).options.cpus: unknown key 'cpus' (allowed: os, fixes, dry_run, "
+            "boot_check, host, host_group, priority, memory_mib, vcpus, network)",
             "vms[0] (web01).disks[0].bus: unknown key 'bus' (allowed: path)",
         ]
     )
@@ -731,3 +731,20 @@ def test_load_manifest_passes_output_roots(base: Path) -> None:
         load_manifest(path, probe=FakeProbe())
     plan = load_manifest(path, probe=FakeProbe(), output_roots=["/srv"])
     assert plan.vms[0].output_dir == "/srv/x"
+
+
+def test_boot_check_is_off_unless_asked_per_vm_or_in_defaults(base: Path) -> None:
+    plan = parse(
+        batch(
+            vm("web01"),
+            vm("db01", options={"boot_check": False}),
+            defaults={"options": {"boot_check": True}},
+        ),
+        base,
+    )
+    web, db = plan.vms
+    assert (web.boot_check, db.boot_check) == (True, False)
+    assert web.step_options() == {"boot_check": True}
+    assert parse(batch(vm("web01")), base).vms[0].boot_check is False
+    (problem,) = problems_of(batch(vm("web01", options={"boot_check": "yes"})), base)
+    assert "boot_check" in str(problem)

@@ -52,6 +52,7 @@ def test_plan_json_is_the_shape_workers_read() -> None:
         "os": "auto",
         "fixes": True,
         "dry_run": False,
+        "boot_check": False,
         "host": None,
         "host_group": ["k1", "k2"],
         "priority": 0,

@@ -69,16 +69,18 @@ def test_task_names_and_the_steps_they_implement():
     assert len({s.task for s in pipeline.STEPS}) == len(pipeline.STEPS)
 
 
-def test_an_optional_step_runs_only_when_its_option_is_on(monkeypatch):
-    check = pipeline.Step("boot_check", frozenset({"migrate"}), option="boot_check")
-    steps = (*pipeline.STEPS, check)
-    monkeypatch.setattr(pipeline, "STEPS", steps)
+def test_the_boot_check_runs_only_when_its_option_is_on_and_only_in_a_migration():
     assert "boot_check" not in names(pipeline.steps_for("migrate"))
     assert "boot_check" not in names(pipeline.steps_for("migrate", {"boot_check": False}))
     assert names(pipeline.steps_for("migrate", {"boot_check": True}))[-1] == "boot_check"
+    # A dry run fixes nothing that could be booted; a lone inspection has no domain.
+    assert "boot_check" not in names(pipeline.steps_for("dry_run", {"boot_check": True}))
     assert "boot_check" not in names(pipeline.steps_for("inspect", {"boot_check": True}))
     after_finalize = pipeline.hand_on("finalize", "migrate", {"boot_check": True})
     assert names(after_finalize.steps) == ["boot_check"]
+    rest = pipeline.hand_on("scan", "migrate", {"boot_check": True})
+    assert names(rest.steps)[-2:] == ["finalize", "boot_check"]
+    assert pipeline.step("boot_check").rerunnable  # snapshot=on: booting writes nothing
 
 
 def test_describe_marks_the_fan_out():

@@ -124,6 +124,7 @@ def test_vm_report_fields_and_order() -> None:
         "data_only",
         "notes",
         "libvirt_xml",
+        "boot_check",
     ]
     assert report["report_version"] == REPORT_VERSION
     assert report["total_s"] == 63.75
@@ -244,6 +245,7 @@ def test_summary_rows_are_sorted_and_compact() -> None:
         "fixes_applied": 1,
         "total_s": 63.75,
         "reason": None,
+        "boot": None,
     }
     db = summary["vms"][1]
     assert db["disk_bytes"] is None  # sizes unknown: no misleading partial total
@@ -530,3 +532,26 @@ def test_the_summary_counts_a_vms_lvs_and_the_ones_not_exposed() -> None:
     (row,) = summary_of(report)["vms"]
     assert (row["lvs"], row["lvs_unexposed"]) == (2, 1)
     assert "| 0, 2 LVs (1 not exposed) |" in render_markdown(summary_of(report))
+
+
+def test_a_boot_checked_batch_gets_a_boot_column() -> None:
+    passed = {
+        **web01(),
+        "boot_check": {
+            "result": "pass",
+            "mode": "direct-kernel",
+            "accel": "tcg",
+            "seconds": 74.2,
+            "reason": "login-prompt",
+        },
+    }
+    failed = vm_report(
+        vm_id="db01",
+        status="failed",
+        error="boot check failed",
+        boot_check={"result": "fail", "mode": "bootloader", "reason": "emergency-mode"},
+    )
+    md = render_markdown(summary_of(passed, failed))
+    assert "| boot | reason |" in md
+    assert "pass 74 s (tcg, direct-kernel)" in md and "fail: emergency-mode" in md
+    assert "| boot |" not in render_markdown(summary_of(web01()))

@@ -116,6 +116,8 @@ class VMResult(BaseModel):
     # finalize
     libvirt_xml: str | None = None
     conversions: list[dict[str, Any]] = Field(default_factory=list)
+    # boot_check (options.boot_check)
+    boot_check: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -16,6 +16,7 @@ MOUNTING = "mounting"
 INSPECTING = "inspecting"
 FIXING = "fixing"
 DETACHING = "detaching"
+BOOT_CHECKING = "boot_checking"
 DONE = "done"
 FAILED = "failed"
 CANCELLED = "cancelled"
@@ -31,6 +32,7 @@ JobStatus = Literal[
     "inspecting",
     "fixing",
     "detaching",
+    "boot_checking",
     "done",
     "failed",
     "cancelled",

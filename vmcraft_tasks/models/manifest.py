@@ -72,6 +72,9 @@ class Options(_Section):
     )
     fixes: StrictBool = Field(True, description="fix the guest for KVM (fstab, drivers, ...)")
     dry_run: StrictBool = Field(False, description="report the fixes without applying them")
+    boot_check: StrictBool = Field(
+        False, description="boot the migrated disks headless and judge the console"
+    )
     host: Text | None = Field(None, description="the one host the VM runs on")
     host_group: Annotated[list[Text], Field(min_length=1)] | None = Field(
         None, description="the hosts the VM may run on"

@@ -44,6 +44,7 @@ class VMPlan(_Plan):
     os: str = "auto"
     fixes: bool = True
     dry_run: bool = False
+    boot_check: bool = False
     host: str | None = None
     host_group: tuple[str, ...] | None = None
     priority: int = 0
@@ -53,6 +54,10 @@ class VMPlan(_Plan):
     # The output root (resolved) the client checked output_dir against; a worker without
     # VMCRAFT_OUTPUT_ROOTS of its own checks every path it writes against this one.
     output_root: str | None = None
+
+    def step_options(self) -> dict[str, bool]:
+        """The options that switch optional pipeline steps on (`pipeline.Step.option`)."""
+        return {"boot_check": self.boot_check}
 
 
 class BatchPlan(_Plan):

@@ -143,6 +143,23 @@ class InitramfsReport(_Closed):
     lvm: str | None = Field(None, description="what was done so the images activate LVM")
 
 
+class BootCheckReport(_Closed):
+    """The headless boot of the migrated disks (options.boot_check)."""
+
+    result: Literal["pass", "fail", "skipped"]
+    mode: str = Field(
+        description="bootloader, direct-kernel (the guest's own kernel booted directly: "
+        "its bootloader was bypassed) or windows-stable-run"
+    )
+    firmware: str | None = None
+    accel: str | None = Field(None, description="kvm or tcg")
+    seconds: Seconds | None = None
+    evidence: list[str] = Field(default_factory=list, description="the deciding console lines")
+    reason: str | None = None
+    notes: list[str] = Field(default_factory=list, description="what was and was not verified")
+    serial_log: str | None = Field(None, description="the cleaned console, next to the report")
+
+
 class VMReport(_Closed):
     """The report of one VM of a batch, written when the VM ends."""
 
@@ -176,3 +193,4 @@ class VMReport(_Closed):
     data_only: bool
     notes: list[str]
     libvirt_xml: str | None = Field(description="the domain XML's path")
+    boot_check: BootCheckReport | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmcraft_tasks.samples import bootable, bootable_lvm, layouts
+from vmcraft_tasks.samples import bootable, bootable_lvm, bootable_uefi, layouts
 from vmcraft_tasks.samples.recipes import (
     broken_journal_ext4,
     broken_log_xfs,
@@ -81,10 +81,17 @@ SAMPLES: dict[str, Recipe] = {
     ),
     # Debian 12 on LVM over two disks, as its installer lays it out (multi-disk, as above).
     "bootable_debian_lvm": lambda: bootable_lvm.bootable_debian_lvm().as_built_image(),
+    # Debian 12 installed for UEFI (ESP, GRUB at the fallback path): boot it with OVMF.
+    "bootable_debian_uefi": lambda: bootable_uefi.bootable_debian_uefi().as_built_image(),
 }
 # The samples that take minutes to build: `warm` leaves them out unless named.
 SLOW = frozenset(
-    {"bootable_debian_bios", "bootable_debian_bios_modules_list", "bootable_debian_lvm"}
+    {
+        "bootable_debian_bios",
+        "bootable_debian_bios_modules_list",
+        "bootable_debian_lvm",
+        "bootable_debian_uefi",
+    }
 )
 
 

@@ -14,6 +14,7 @@ Calling convention (what each step receives):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery import chain, chord
@@ -38,9 +39,15 @@ def step_signature(step: pipeline.Step, ctx: StepContext, *args: Any, immutable:
     return pinned
 
 
-def hand_on(current: str, ctx: StepContext, flow: pipeline.Flow) -> Signature:
-    """What the step `current` replaces itself with (see `pipeline.hand_on`)."""
-    plan = pipeline.hand_on(current, flow)
+def hand_on(
+    current: str,
+    ctx: StepContext,
+    flow: pipeline.Flow,
+    options: Mapping[str, Any] | None = None,
+) -> Signature:
+    """What the step `current` replaces itself with (see `pipeline.hand_on`); `options`
+    are the VM's (`VMPlan.step_options`), which switch optional steps on."""
+    plan = pipeline.hand_on(current, flow, options)
     if not plan.steps:
         raise ValueError(f"{current} is the last step of flow {flow}: nothing to hand on to")
     if not plan.whole_rest:

@@ -38,7 +38,8 @@ def detach(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) -> A
 
 @app.task(name=FINALIZE.task, bind=True, base=VMStep)
 def finalize(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) -> Any:
-    """A migrated VM's libvirt domain XML; then the VM is done.
+    """A migrated VM's libvirt domain XML; then the VM is done, unless a boot check
+    follows (options.boot_check), which then ends it.
 
     Only a guest that `fix` judged ready gets here (or a declared data-only VM, whose
     disks belong to another domain, or a lone inspection): those get no domain.
@@ -54,6 +55,8 @@ def finalize(self: VMStep, previous: dict[str, Any], message: dict[str, Any]) ->
                 vm.to_dict(), result.to_json(), settings_roots=rt.settings.output_roots
             )
         result = result.with_(libvirt_xml=xml_path, conversions=ctx.conversions)
+        if pipeline.after(FINALIZE.name, pipeline.flow_of(vm.to_dict()), vm.step_options()):
+            return result.to_json()  # the next step (the boot check) ends the VM
     end(rt, ctx, "done", result=result.to_json())
     return {"job_id": ctx.job_id, "ok": True, "libvirt_xml": xml_path}
 

@@ -248,6 +248,11 @@ def flow(rt: HostRuntime, ctx: StepContext) -> pipeline.Flow:
     return pipeline.flow_of(plan(rt, ctx).to_dict()) if ctx.in_batch else "inspect"
 
 
+def step_options(rt: HostRuntime, ctx: StepContext) -> dict[str, bool]:
+    """The VM's options that switch optional steps on, from its trusted plan."""
+    return plan(rt, ctx).step_options() if ctx.in_batch else {}
+
+
 def end(
     rt: HostRuntime,
     ctx: StepContext,

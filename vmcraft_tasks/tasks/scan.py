@@ -12,7 +12,7 @@ from vmcraft_tasks.craft import commands
 from vmcraft_tasks.craft.guestvm import GuestVM
 from vmcraft_tasks.craft.inspect_disk import mountable
 from vmcraft_tasks.tasks import canvas
-from vmcraft_tasks.tasks.runner import VMStep, context, flow, state_dir
+from vmcraft_tasks.tasks.runner import VMStep, context, flow, state_dir, step_options
 from worker.runtime import runtime
 
 STEP = pipeline.step("scan")
@@ -45,4 +45,4 @@ def scan(self: VMStep, message: dict[str, Any]) -> Any:
     rt.jobs.transition(job_id, jobs.MOUNTING)
     rt.jobs.set_progress(job_id, mounted=0, to_mount=len(targets))
     self.progress(job_id=job_id, step="scanned", partitions=len(found.partitions))
-    raise self.replace(canvas.hand_on(STEP.name, scanned, flow(rt, ctx)))
+    raise self.replace(canvas.hand_on(STEP.name, scanned, flow(rt, ctx), step_options(rt, ctx)))

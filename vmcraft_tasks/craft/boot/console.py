@@ -151,7 +151,16 @@ def _match_outcome(line: str, *, partial: bool, until: Until) -> _Outcome | None
     return None
 
 
+# GRUB messages that say nothing about the guest: Debian's `linux` command asks for a
+# video mode, and a headless boot (no display device) has none; the boot goes on.
+_HARMLESS = tuple(
+    re.compile(p, re.IGNORECASE) for p in (r"^error: no suitable video mode found\.?$",)
+)
+
+
 def _is_warning(line: str) -> bool:
+    if any(p.search(line) for p in _HARMLESS):
+        return False
     return any(p.search(line) for p in _WARNINGS)
 
 

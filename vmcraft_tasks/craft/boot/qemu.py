@@ -55,6 +55,13 @@ class BootSpec:
     nic_model: str | None = None  # e.g. "virtio-net-pci", "e1000"; None: no NIC at all
     direct_kernel: DirectKernel | None = None
     qemu_binary: str = QEMU_BINARY
+    # A file for the firmware's debug port (isa-debugcon at 0x402): SeaBIOS writes its
+    # messages there ("No bootable device."), which a guest without a serial console
+    # (Windows) would otherwise only show on a screen nobody captures.
+    debugcon_log: str | None = None
+    # Which serial port the log is attached to: 0 (ttyS0, COM1) or 1 (ttyS1, COM2,
+    # with COM1 connected to nothing), for a guest whose console is on its second port.
+    serial_port: int = 0
 
 
 def _opt(value: str) -> str:
@@ -79,11 +86,22 @@ def _headless_args(spec: BootSpec) -> list[str]:
     # -nodefaults drops the default NIC, VGA, monitor and serial, so the guest
     # gets exactly what is listed here; -no-reboot turns a guest reboot into an exit.
     args = ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if spec.serial_port not in (0, 1):
+        raise QemuSpecError(f"serial_port={spec.serial_port}: the log goes to port 0 or 1")
+    before = ["-serial", "null"] if spec.serial_port == 1 else []
     if spec.serial_log is None:
-        return [*args, "-serial", "stdio"]
+        return [*args, *before, "-serial", "stdio", *_debugcon_args(spec.debugcon_log)]
     # append=on: the caller creates (and may watch) the file before qemu starts.
     chardev = f"file,id=serial0,path={_opt(spec.serial_log)},append=on"
-    return [*args, "-chardev", chardev, "-serial", "chardev:serial0"]
+    serial = ["-chardev", chardev, *before, "-serial", "chardev:serial0"]
+    return [*args, *serial, *_debugcon_args(spec.debugcon_log)]
+
+
+def _debugcon_args(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    chardev = f"file,id=dbg,path={_opt(path)},append=on"
+    return ["-chardev", chardev, "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
 
 
 def _firmware_args(spec: BootSpec) -> list[str]:
@@ -99,8 +117,9 @@ def _firmware_args(spec: BootSpec) -> list[str]:
 
 
 def _disk_args(disks: tuple[BootDisk, ...], *, boot_from_disk: bool) -> list[str]:
-    if not disks:
-        raise QemuSpecError("a boot needs at least one disk")
+    if not disks and boot_from_disk:
+        # A direct kernel boot needs none (the KVM probe boots a bare kernel).
+        raise QemuSpecError("a boot needs at least one disk (or a direct kernel)")
     sata = [d for d in disks if d.bus == "sata"]
     if len(sata) > AHCI_PORTS:
         raise QemuSpecError(f"{len(sata)} SATA disks, but one AHCI controller has {AHCI_PORTS}")
