@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -215,15 +214,9 @@ def _record(cache_dir: str | None, key: str, accel: str, reason: str) -> None:
         log.warning("could not record the KVM probe in %s: %s", cache_dir, exc)
 
 
-@functools.cache
-def _choose(key: str, kernel: str, device: str, cache_dir: str | None) -> tuple[str, str]:
-    recorded = _recorded(cache_dir, key)
-    if recorded is not None:
-        return recorded
-    probe = probe_kvm(kernel, device=device)
-    accel = "kvm" if probe.usable else "tcg"
-    _record(cache_dir, key, accel, probe.reason)
-    return accel, probe.reason
+# (probe key, device, cache dir) -> the choice: the kernel that proved it is not part
+# of it, so every later check of the process reuses the first probe.
+_chosen: dict[tuple[str, str, str | None], tuple[str, str]] = {}
 
 
 def choose_accel(
@@ -236,12 +229,21 @@ def choose_accel(
     and, with `cache_dir` (the work dir), for every process of the host.
     """
     key = probe_key(_device_number(device), _boot_id())
-    return _choose(key, os.path.abspath(kernel), device, cache_dir)
+    slot = (key, device, cache_dir)
+    if slot in _chosen:
+        return _chosen[slot]
+    chosen = _recorded(cache_dir, key)
+    if chosen is None:
+        probe = probe_kvm(os.path.abspath(kernel), device=device)
+        chosen = ("kvm" if probe.usable else "tcg"), probe.reason
+        _record(cache_dir, key, chosen[0], chosen[1])
+    _chosen[slot] = chosen
+    return chosen
 
 
 def forget_probes(cache_dir: str | None = None) -> None:
     """Drop every cached probe result (tests, or after the host's KVM changed)."""
-    _choose.cache_clear()
+    _chosen.clear()
     if cache_dir is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(cache_dir, PROBE_FILE))
