@@ -56,10 +56,19 @@ def _mounts() -> frozenset[str]:
         return frozenset(point for line in fh if _in_scope(point := line.split()[4]))
 
 
+def _orphaned(line: str) -> bool:
+    """A loop device whose backing file's mount is gone (it shows as "/"): a FUSE disk file
+    unmounted under it. No path names its owner any more, so any new one counts."""
+    fields = line.split()
+    return len(fields) == 2 and fields[1] == "/"
+
+
 def _loops() -> frozenset[str]:
     out = commands.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], timeout=30).stdout
     return frozenset(
-        " ".join(line.split()) for line in out.splitlines() if line.strip() and _in_scope(line)
+        " ".join(line.split())
+        for line in out.splitlines()
+        if line.strip() and (_in_scope(line) or _orphaned(line))
     )
 
 

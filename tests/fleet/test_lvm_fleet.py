@@ -156,6 +156,11 @@ def test_lvm_and_multi_disk_guests_in_one_batch(client, tmp_path, guests, fleet)
         targets = [d["target"] for d in reports[vm]["disks"]]
         assert len(targets) == len(lvmkit.disk_paths(guests[vm]))
         assert all(os.path.exists(t) for t in targets)
+    # The VM that ends the batch writes the summary just after its own end.
+    deadline = time.monotonic() + 30
+    while not (out / "summary.md").exists():
+        assert time.monotonic() < deadline, "no batch summary"
+        time.sleep(0.2)
     markdown = (out / "summary.md").read_text()
     assert "4 LVs" in markdown
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 VM_FILE = "vm.json"
 MEMBER_FILE = "vm-member.json"
 ATTACH_PREFIX = "attach-"
+PRIVATE_MOUNTS = "mnt"  # VMCraft's private mountpoints, under an attach state dir
 
 
 @dataclass
@@ -102,14 +103,15 @@ def release_vm(state_dir: str) -> None:
     members = [] if record is None else [d for d in record.disks[1:] if is_sibling_attach(d, boot)]
     errors: list[str] = []
     if os.path.isdir(boot):
-        # The LVs' own FUSE files are the helpers' to unmount, after their loop devices.
-        lv_files = {os.path.join(sd, "lv") for sd in expose.state_dirs(boot)}
-        for mountpoint in mountinfo.mounts_under(boot):
-            if mountpoint not in lv_files:
-                try:
-                    mountinfo.unmount(mountpoint)
-                except VMCraftError as exc:
-                    errors.append(str(exc))
+        # Only the private mounts (under mnt/, deepest first). The disks' and LVs' FUSE
+        # files are their backends' to unmount, after the loop devices on them: a FUSE
+        # file unmounted under a loop device leaves that loop attached to a detached
+        # mount, with no backing file left to verify it by.
+        for mountpoint in mountinfo.mounts_under(os.path.join(boot, PRIVATE_MOUNTS)):
+            try:
+                mountinfo.unmount(mountpoint)
+            except VMCraftError as exc:
+                errors.append(str(exc))
         try:
             expose.release_all(boot)
         except (VMCraftError, OSError) as exc:
