@@ -36,6 +36,28 @@ def boot_checking(client: FleetClient, batch: str, host_dir: str, timeout_s: flo
         time.sleep(0.2)
 
 
+def cancelled_and_stopped(
+    client: FleetClient,
+    batch: str,
+    host_dir: str,
+    record: bootchecks.BootRecord,
+    *,
+    timeout_s: float,
+) -> None:
+    """After a cancel: the check's qemu is gone, the VM cancelled, no record left."""
+    assert record.pid is not None
+    deadline = time.monotonic() + timeout_s
+    while bootchecks.is_our_qemu(record.pid, record.ticks, record.marker):
+        assert time.monotonic() < deadline, "qemu still running after the cancel"
+        time.sleep(0.1)
+    while (vm := batch_status(client, batch).vms[0]).status != "cancelled":
+        assert time.monotonic() < deadline, vm.status
+        time.sleep(0.1)
+    while bootchecks.records(host_dir):
+        assert time.monotonic() < deadline, bootchecks.records(host_dir)
+        time.sleep(0.1)
+
+
 def submit(client: FleetClient, directory: Path, batch: str, disk: str) -> str:
     manifest = directory / f"{batch}.yaml"
     vms = [{"id": "deb", "disks": [disk], "options": {"boot_check": True}}]
@@ -53,16 +75,7 @@ def test_cancel_stops_the_boot_check_and_its_qemu(fleet_factory, tmp_path, boota
         record, pid = boot_checking(client, batch, host_dir)
         assert bootchecks.is_our_qemu(pid, record.ticks, record.marker)
         cancel_batch(client, batch)
-        deadline = time.monotonic() + 30
-        while bootchecks.is_our_qemu(pid, record.ticks, record.marker):
-            assert time.monotonic() < deadline, "qemu still running after the cancel"
-            time.sleep(0.1)
-        while (vm := batch_status(client, batch).vms[0]).status != "cancelled":
-            assert time.monotonic() < deadline, vm.status
-            time.sleep(0.1)
-        while bootchecks.records(host_dir):
-            assert time.monotonic() < deadline, bootchecks.records(host_dir)
-            time.sleep(0.1)
+        cancelled_and_stopped(client, batch, host_dir, record, timeout_s=30)
     finally:
         client.close()
 
@@ -97,16 +110,7 @@ def test_kill_9_during_a_boot_check_leaves_no_qemu(fleet_factory, tmp_path, boot
         (again,) = [r for _p, r in bootchecks.records(host_dir)]
         assert again.pid is not None
         cancel_batch(client, batch)  # no need to watch the second boot to its end
-        deadline = time.monotonic() + 60
-        while bootchecks.is_our_qemu(again.pid, again.ticks, again.marker):
-            assert time.monotonic() < deadline, "qemu still running after the cancel"
-            time.sleep(0.1)
-        while (vm := batch_status(client, batch).vms[0]).status != "cancelled":
-            assert time.monotonic() < deadline, vm.status
-            time.sleep(0.1)
-        while bootchecks.records(host_dir):
-            assert time.monotonic() < deadline, bootchecks.records(host_dir)
-            time.sleep(0.1)
+        cancelled_and_stopped(client, batch, host_dir, again, timeout_s=60)
         snapshot = leaks.snapshot()
         assert not [p for p in snapshot.helpers if "qemu-system" in p]
     finally:
